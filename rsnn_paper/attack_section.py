@@ -57,14 +57,16 @@ def _attack_kwargs(cfg: Config, attack: str) -> dict:
 
 
 def whitebox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,
-             mode: str = "full", progress: bool = False) -> dict:
-    "A cached, resumable `run_ensemble` of `attack` at `eps` against artifact `key`."
+             mode: str = "full", sanity: bool = False, progress: bool = False) -> dict:
+    """A cached, resumable `run_ensemble` of `attack` at `eps` against artifact `key`. The model-level sanity checks
+    (determinism, eps = 1, more steps, all-zero gradients per source) are the same for every attack on a model, so the
+    section runs them with its PGD ensemble (`sanity=True`) and reports them once."""
     kw = _attack_kwargs(cfg, attack)
-    tag = config_hash([key, attack, eps, [s.name for s in sources], mode, cfg.seed, len(y), cfg.test_dataset, kw])
+    tag = config_hash([key, attack, eps, [s.name for s in sources], mode, sanity, cfg.seed, len(y), cfg.test_dataset, kw])
     state = store.root / f"ensemble-state-{tag}.pt"
     return cached_json(store, f"ensemble-{tag}", lambda: run_ensemble(
         model, x, y, attack, eps, sources=sources, generator=torch.Generator().manual_seed(cfg.seed),
-        batch_size=cfg.eval_batch_size, state_path=state, progress=progress, mode=mode, **kw))
+        batch_size=cfg.eval_batch_size, state_path=state, progress=progress, mode=mode, sanity=sanity, **kw))
 
 
 def blackbox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store: ArtifactStore, source=None,
@@ -87,9 +89,10 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
     x, y = eval_images(cfg, M["test"])
     snn, ann, other = M["snn_pgd_at"], M["ann_pgd_at"], M["snn_clean"]
     eps = cfg.eps_test
-    wb = {a: whitebox(*snn, x, y, a, eps, cfg, store, progress=progress) for a in ("fgsm", "pgd", "apgd-ce")}
-    ann_wb = {a: whitebox(*ann, x, y, a, eps, cfg, store, sources=(DEFAULT_SOURCE,), progress=progress)
-              for a in ("pgd", "apgd-ce")}
+    wb = {a: whitebox(*snn, x, y, a, eps, cfg, store, sanity=a == "pgd", progress=progress)
+          for a in ("fgsm", "pgd", "apgd-ce")}
+    ann_wb = {a: whitebox(*ann, x, y, a, eps, cfg, store, sources=(DEFAULT_SOURCE,), sanity=a == "pgd",
+                          progress=progress) for a in ("pgd", "apgd-ce")}
     def snn_point(e):  # ε = 0 is the clean accuracy; ε_test reuses the full ensemble above
         if e == 0:
             return wb["pgd"]["clean_acc"]
@@ -103,7 +106,7 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
           "square_ann": blackbox(*ann, x, y, "square", eps, cfg, store, progress=progress),
           "transfer_from_ann": blackbox(*snn, x, y, "pgd", eps, cfg, store, source=ann, progress=progress),
           "transfer_from_other_snn": blackbox(*snn, x, y, "pgd", eps, cfg, store, source=other, progress=progress)}
-    warnings = [w for r in wb.values() for w in r.get("warnings", [])]
+    warnings = [w for r in (*wb.values(), *ann_wb.values()) for w in r.get("warnings", [])]
     strongest_wb = min(r["ensemble_acc"] for r in wb.values())
     for name in ("square_snn", "transfer_from_ann", "transfer_from_other_snn"):
         if bb[name]["robust_acc"] < strongest_wb:
@@ -111,7 +114,7 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
                             f"({strongest_wb:.3f}): the white-box evaluation is unreliable")
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "n_images": len(y),
            "eps": eps, "T": cfg.T, "config": cfg.to_dict(), "snn_key": snn[1], "ann_key": ann[1],
-           "whitebox": wb, "ann_whitebox": ann_wb, "eps_curve": {"snn_pgd_ensemble": curve, "ann_pgd": ann_curve},
+           "whitebox": wb, "ann_whitebox": ann_wb, "sanity_checks": wb["pgd"].get("checks", {}), "eps_curve": {"snn_pgd_ensemble": curve, "ann_pgd": ann_curve},
            "blackbox": {k: {kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")} for k, v in bb.items()},
            "warnings": warnings, "reliable": not warnings}
     write_json(results_dir(cfg.scale) / "attacks.json", out)

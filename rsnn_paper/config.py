@@ -94,7 +94,7 @@ SCALES: dict[str, dict[str, Any]] = {
                width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=2, T_search=24, search_batches=2,
                search_batch_size=32, bn_calib_batches=4, sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2, n_val_eval=200,
-               n_eval=100, apgd_steps=5, square_queries=200, eps_curve=(0.0, 2 / 255, 8 / 255, 16 / 255)),
+               n_eval=64, apgd_steps=3, square_queries=200, eps_curve=(0.0, 4 / 255, 8 / 255, 16 / 255)),
 }
 
 

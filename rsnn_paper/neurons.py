@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import current_implementation, integrate_and_fire_fused, use_implementation
 from .surrogates import GradientSource, Surrogate, resolve_source, spike
 
 # %% auto #0
@@ -71,11 +72,14 @@ def integrate_and_fire(current: torch.Tensor, threshold: Union[torch.Tensor, flo
     """Integrate-and-fire over time: `current` is [T, ...] (time first); returns the 0/1 spikes, same shape.
 
     The backward pass follows `source` (a name, a `Surrogate` or a `GradientSource`), by default the one
-    selected by the enclosing `gradient_source(...)` block (BPTT with the triangle, gamma=1, outside any block)."""
+    selected by the enclosing `gradient_source(...)` block (BPTT with the triangle, gamma=1, outside any block).
+    Runs `rsnn_paper.fused` unless `use_implementation("reference")` is active (or the threshold is not a scalar)."""
     _check_reset(reset)
     src = resolve_source(source)
     if not torch.is_tensor(threshold):
         threshold = torch.tensor(float(threshold), dtype=current.dtype, device=current.device)
+    if current_implementation() == "fused" and src.kind != "ann" and threshold.dim() == 0:
+        return integrate_and_fire_fused(current, threshold, reset, src)
     if src.kind == "bptr":
         return _BPTRFn.apply(current, threshold.detach(), reset)
     if src.kind == "ann":
