@@ -6,6 +6,8 @@ import os
 import warnings
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -589,6 +591,13 @@ def test_matches_art(trained_ann):
     out["square"] = (_acc(model, ours, ya), _acc(model, torch.from_numpy(art), ya))
     print({k: (round(a, 3), round(b, 3)) for k, (a, b) in out.items()})
     for name, (ours, theirs) in out.items():
-        assert abs(ours - theirs) <= 0.02 + 1e-9, (name, ours, theirs)
+        tol = 0.02
+        if name == "square":
+            # Square is random search: two independent runs (ours, ART's) differ by sampling noise alone, whose
+            # standard error on n images is sqrt(2 p (1 - p) / n) (about 5 points at n=100). Within 2 points or two
+            # standard errors, whichever is larger; a systematic gap (e.g. a broken margin loss) is far beyond that.
+            p = (ours + theirs) / 2
+            tol = max(0.02, 2 * math.sqrt(2 * p * (1 - p) / n))
+        assert abs(ours - theirs) <= tol + 1e-9, (name, ours, theirs, tol)
     assert out["pgd"][0] < _acc(model, x[:400], y[:400])  # the comparison is not between two no-ops
     assert all(p.requires_grad for p in model.parameters())
