@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import fused
 from .fused import use_implementation
 from .models import create_model
+from .neurons import integrate_and_fire
 
 # %% auto #0
 __all__ = ['peak_memory_bytes', 'time_interleaved', 'run_benchmark', 'format_report', 'main']
@@ -77,16 +78,18 @@ def peak_memory_bytes(fn: Callable[[], None], device="cpu") -> int:
     return _cpu_peak_bytes(fn)
 
 
-def time_interleaved(fns: dict, repeats: int, device="cpu") -> dict:
-    "Warm each function up once, then time all of them `repeats` times round-robin: {name: [seconds, ...]}."
-    times = {k: [] for k in fns}
-    warm = {}
+def time_interleaved(fns: dict, repeats: int, device="cpu"):
+    """Warm each function up once, then run all of them `repeats` times round-robin. Returns
+    `({name: [wall seconds, ...]}, {name: [process CPU seconds, ...]}, {name: warm-up wall seconds})`."""
+    wall, cpu, warm = {k: [] for k in fns}, {k: [] for k in fns}, {}
     for k, fn in fns.items():
         t0 = time.perf_counter(); fn(); _sync(device); warm[k] = time.perf_counter() - t0
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter(); fn(); _sync(device); times[k].append(time.perf_counter() - t0)
-    return times, warm
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(); _sync(device)
+            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+    return wall, cpu, warm
 
 # %% ../nbs/90_bench.ipynb #c37044fb
 def _train_step(model, x, y, T: int, impl: str = "fused"):
@@ -120,6 +123,40 @@ def _pgd_step(model, x, y, T: int, impl: str, eps: float = 8 / 255, alpha: float
     return step
 
 
+def _layer_currents(model, x, T: int):
+    "The input current [T, B, ...] and threshold of every spiking unit in one SNN forward (train mode, no grad)."
+    seen = []
+    hooks = [u.register_forward_hook(lambda m, inp, out: seen.append(
+        (inp[0].detach().unflatten(0, (T, -1)), m.effective_threshold().detach(), m.reset)))
+        for u in model.spiking_units()]
+    try:
+        model.T = T
+        model.train()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _loop_step(currents, impl: str):
+    "Forward + backward of the spiking units alone, on the currents of a real forward (threshold learned)."
+    grads = [torch.randn_like(c) for c, _, _ in currents]
+
+    def step():
+        for (c, th, reset), g in zip(currents, grads):
+            c = c.clone().requires_grad_()  # the clone stands for the BN output the loop consumes
+            th = th.clone().requires_grad_()
+            if impl == "relu":
+                out = torch.relu(c)
+            else:
+                with use_implementation(impl):
+                    out = integrate_and_fire(c, th, reset)
+            out.backward(g)
+    return step
+
+
 def _workloads(width: float, batch: int, T: int, device, channels_last: bool, seed: int = 0):
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -128,7 +165,11 @@ def _workloads(width: float, batch: int, T: int, device, channels_last: bool, se
     xTB = torch.rand(T * batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     yTB = torch.randint(0, 10, (T * batch,), device=device)
+    currents = _layer_currents(model, x, T)
     return {
+        "loop_relu": _loop_step(currents, "relu"),
+        "loop_fused": _loop_step(currents, "fused"),
+        "loop_reference": _loop_step(currents, "reference"),
         "ann_B": _train_step(model, x, y, 0),
         "ann_TB": _train_step(model, xTB, yTB, 0),
         "snn_fused": _train_step(model, x, y, T, "fused"),
@@ -176,8 +217,8 @@ def run_benchmark(widths: Sequence[float] = (1 / 8, 1.0), batch: int = 32, T: in
                 fns = {k: v for k, v in fns.items() if k in rows}
             if verbose:
                 print(f"width {w:g}: timing {', '.join(fns)} ({repeats} repeats)...", flush=True)
-            times, warm = time_interleaved(fns, repeats, device)
-            res = {k: {"min_s": min(v), "median_s": statistics.median(v), "warmup_s": warm[k]}
+            times, cpu, warm = time_interleaved(fns, repeats, device)
+            res = {k: {"min_s": min(v), "median_s": statistics.median(v), "warmup_s": warm[k], "cpu_s": min(cpu[k])}
                    for k, v in times.items()}
             if memory:
                 for k, fn in fns.items():
@@ -192,6 +233,9 @@ def run_benchmark(widths: Sequence[float] = (1 / 8, 1.0), batch: int = 32, T: in
         ratios["ratio_vs_floor"] = last["snn_fused"]["min_s"] / last["ann_TB"]["min_s"]
     if {"snn_fused", "snn_reference"} <= last.keys():
         ratios["speedup_vs_reference"] = last["snn_reference"]["min_s"] / last["snn_fused"]["min_s"]
+    if {"loop_fused", "loop_reference", "loop_relu"} <= last.keys():
+        ratios["loop_speedup_vs_reference"] = last["loop_reference"]["min_s"] / last["loop_fused"]["min_s"]
+        ratios["loop_vs_relu"] = last["loop_fused"]["min_s"] / last["loop_relu"]["min_s"]
         if memory:
             ratios["peak_mem_ratio"] = last["snn_fused"]["peak_mb"] / last["snn_reference"]["peak_mb"]
     out["ratios"] = ratios
@@ -203,15 +247,20 @@ def format_report(res: dict) -> str:
     lines = [f"VGG-11, batch {res['batch']}, T={res['T']}, device {res['device']}, {res['threads']} threads, "
              f"channels_last={res['channels_last']}, compile={res['compile']}, malloc {res['allocator']}, "
              f"torch {res['torch']}; min / median of {res['repeats']} runs after one warm-up",
-             f"{'width':>6} {'row':<14} {'min s':>9} {'median s':>9} {'warm-up s':>9} {'peak MB':>9} {'vs ann_TB':>9}"]
+             f"{'width':>6} {'row':<14} {'min s':>9} {'median s':>9} {'warm-up s':>9} {'CPU s':>9} {'peak MB':>9} "
+             f"{'vs floor':>9}   (floor: ann_TB; loop_relu for the loop_* rows)"]
     for w, rows in res["widths"].items():
-        floor = rows.get("ann_TB", {}).get("min_s")
         for k, r in rows.items():
+            floor = rows.get("loop_relu" if k.startswith("loop_") else "ann_TB", {}).get("min_s")
             rel = f"{r['min_s'] / floor:9.3f}" if floor else f"{'':9}"
             peak = f"{r['peak_mb']:9.1f}" if "peak_mb" in r else f"{'-':>9}"
-            lines.append(f"{w:6.3g} {k:<14} {r['min_s']:9.3f} {r['median_s']:9.3f} {r['warmup_s']:9.3f} {peak} {rel}")
+            lines.append(f"{w:6.3g} {k:<14} {r['min_s']:9.3f} {r['median_s']:9.3f} {r['warmup_s']:9.3f} "
+                         f"{r['cpu_s']:9.3f} {peak} {rel}")
     q = res["ratios"]
     fmt = lambda k: f"{q[k]:.3f}" if k in q else "nan"
+    if "loop_speedup_vs_reference" in q:
+        lines.append(f"spiking loops alone (width {q['width']:g}): reference / fused = "
+                     f"{q['loop_speedup_vs_reference']:.3f}, fused / ReLU = {q['loop_vs_relu']:.3f}")
     lines.append(f"ratio_vs_floor={fmt('ratio_vs_floor')} speedup_vs_reference={fmt('speedup_vs_reference')} "
                  f"peak_mem_ratio={fmt('peak_mem_ratio')}")
     return "\n".join(lines)
