@@ -15,7 +15,7 @@ from .store import ArtifactStore, cached_json, figures_dir, load_into, results_d
 from .training import TrainStep, accuracy, fit, load_splits, resolve_device
 
 # %% auto #0
-__all__ = ['ANN_OBJECTIVES', 'build_ann', 'evaluate_model', 'write_table', 'run_ann_section']
+__all__ = ['ANN_OBJECTIVES', 'build_ann', 'evaluate_model', 'write_table', 'run_ann_section', 'render_ann']
 
 # %% ../nbs/10_ann_training.ipynb #52024c67
 import matplotlib.pyplot as plt
@@ -116,18 +116,29 @@ def run_ann_section(cfg: Config, objectives: Sequence[str] = ("clean", "pgd_at")
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "config": cfg.to_dict(),
            "anns": results}
     write_json(results_dir(cfg.scale) / "ann.json", out)
-    fdir = figures_dir(cfg.scale)
-    fdir.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame([{"ANN objective": o, "clean": r["clean_acc"], f"PGD ε={cfg.eps_train * 255:.0f}/255":
-                           r["pgd_acc_train_eps"], f"PGD ε={cfg.eps_test * 255:.0f}/255": r["pgd_acc_test_eps"],
-                           "best epoch": r["best_epoch"]} for o, r in results.items()])
-    write_table(table, fdir / "ann_table", f"Robust ANNs ({cfg.arch} ×{cfg.width:g}, scale {cfg.scale}, "
-                f"train {cfg.dataset}, test {cfg.test_dataset} n={results[objectives[0]]['n']}, "
-                f"PGD-{cfg.eval_pgd_steps})")
-    _learning_curves(metas, fdir / "ann_learning_curves.png")
+    render_ann(out)
     summary = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset}
     for obj, r in results.items():
         for k in ("clean_acc", "pgd_acc_train_eps", "pgd_acc_test_eps"):
             summary[f"ann.{obj}.{k}"] = float(r[k])
     update_summary(cfg.scale, summary)
     return out
+
+
+def render_ann(out: dict) -> None:
+    "Write the section's table and learning-curve figure from `ann.json`'s content alone."
+    from rsnn_paper.config import config_from_dict
+    cfg, results = config_from_dict(out["config"]), out["anns"]
+    objectives = list(results)
+    fdir = figures_dir(cfg.scale)
+    fdir.mkdir(parents=True, exist_ok=True)
+    from rsnn_paper.metrics import format_acc
+    table = pd.DataFrame([{"ANN objective": o, "clean": format_acc(r["clean_acc"], r["n"]),
+                           f"PGD ε={cfg.eps_train * 255:.0f}/255": format_acc(r["pgd_acc_train_eps"], r["n"]),
+                           f"PGD ε={cfg.eps_test * 255:.0f}/255": format_acc(r["pgd_acc_test_eps"], r["n"]),
+                           "best epoch": r["best_epoch"], "training time (s)": round(r["train_time_s"], 1)}
+                          for o, r in results.items()])
+    write_table(table, fdir / "ann_table", f"Robust ANNs ({cfg.arch} ×{cfg.width:g}, scale {cfg.scale}, "
+                f"train {cfg.dataset}, test {cfg.test_dataset} n={results[objectives[0]]['n']}, "
+                f"PGD-{cfg.eval_pgd_steps}; 95% Wilson intervals)")
+    _learning_curves(results, fdir / "ann_learning_curves.png")

@@ -15,7 +15,7 @@ from .store import ArtifactStore, cached_json, figures_dir, results_dir, update_
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
 
 # %% auto #0
-__all__ = ['section_models', 'eval_images', 'whitebox', 'blackbox', 'run_attack_section']
+__all__ = ['section_models', 'eval_images', 'whitebox', 'blackbox', 'run_attack_section', 'render_attacks']
 
 # %% ../nbs/13_attack_ensemble.ipynb #618ecfb6
 import matplotlib.pyplot as plt
@@ -118,7 +118,7 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
            "blackbox": {k: {kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")} for k, v in bb.items()},
            "warnings": warnings, "reliable": not warnings}
     write_json(results_dir(cfg.scale) / "attacks.json", out)
-    _tables_and_figure(out, cfg)
+    render_attacks(out)
     r = wb["pgd"]
     update_summary(cfg.scale, {
         "eval.n_images": len(y),
@@ -139,7 +139,10 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
     return out
 
 
-def _tables_and_figure(out: dict, cfg: Config) -> None:
+def render_attacks(out: dict) -> None:
+    "Write the section's tables and figures from `attacks.json`'s content alone."
+    from rsnn_paper.config import config_from_dict
+    cfg = config_from_dict(out["config"])
     from rsnn_paper.store import _atomic_write
     fdir = figures_dir(cfg.scale)
     fdir.mkdir(parents=True, exist_ok=True)
@@ -156,10 +159,12 @@ def _tables_and_figure(out: dict, cfg: Config) -> None:
             ("SNN", "transfer PGD from the SNN of the clean ANN", bb["transfer_from_other_snn"]["robust_acc"]),
             ("ANN", "PGD (white-box)", out["ann_whitebox"]["pgd"]["ensemble_acc"]),
             ("ANN", f"Square ({cfg.square_queries} queries)", bb["square_ann"]["robust_acc"])]
-    bdf = pd.DataFrame(rows, columns=["model", "attack", "robust accuracy"])
+    from rsnn_paper.metrics import format_acc
+    bdf = pd.DataFrame([(m, a, format_acc(v, out["n_images"])) for m, a, v in rows],
+                       columns=["model", "attack", "robust accuracy"])
     from rsnn_paper.ann import write_table
     write_table(bdf, fdir / "attack_blackbox_table", f"White-box vs black-box at ε={cfg.eps_test * 255:g}/255 "
-                f"(scale {cfg.scale}, n={out['n_images']})")
+                f"(scale {cfg.scale}, n={out['n_images']}, 95% Wilson intervals)")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, c in (("SNN, PGD ensemble over 19 sources", out["eps_curve"]["snn_pgd_ensemble"]),
                      ("ANN (PGD-AT), PGD", out["eps_curve"]["ann_pgd"])):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 # %% auto #0
-__all__ = ['SCALES', 'STAGE_FIELDS', 'Config', 'get_config', 'parse_overrides', 'config_hash', 'stage_key']
+__all__ = ['SCALES', 'STAGE_FIELDS', 'Config', 'config_from_dict', 'get_config', 'parse_overrides', 'config_hash', 'stage_key']
 
 # %% ../nbs/04_config.ipynb #985b381c
 @dataclass(frozen=True)
@@ -74,6 +74,24 @@ class Config:
     square_queries: int = 5000
     eps_curve: tuple = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # the accuracy-vs-ε figure
     n_val_eval: Optional[int] = None  # validation images used per epoch (None = the whole split)
+    # end-to-end SNN baselines trained from scratch by BPTT (method.md §6): plain PGD-AT and SNN-RAT
+    e2e_epochs: int = 200
+    e2e_batch_size: int = 64
+    e2e_lr: float = 0.1
+    e2e_weight_decay: float = 0.0     # SNN-RAT's recipe; the AT baseline uses the same one
+    e2e_attack_steps: int = 10        # PGD steps of the end-to-end AT baseline (SNN-RAT uses one FGSM step)
+    e2e_n_train: Optional[int] = None  # stratified subset of the training split (None = all)
+    rat_beta: float = 0.004           # Parseval retraction strength (the authors' logs; their code default 5e-4)
+    # ablations (method.md §7.4-5), each variant finetuned and evaluated with the PGD ensemble
+    ablation_alphas: tuple = (0.5 / 255, 1.5 / 255)   # RFGSM α besides the default ft_alpha
+    ablation_T: tuple = (4, 16)                       # latencies besides the default T
+    ablation_ann_objectives: tuple = ("clean", "trades", "mart")  # ANN objectives besides PGD-AT
+    n_ablation: Optional[int] = None  # test images of the ablation evaluations (None = the whole test subset)
+    # out-of-distribution corruptions (CIFAR-10-C families, method.md §6)
+    ood_severities: tuple = (1, 2, 3, 4, 5)
+    n_ood: Optional[int] = None       # test images per corruption and severity (None = the whole test subset)
+    # uncertainty: the headline SNN is finetuned (and evaluated) once per seed
+    headline_seeds: tuple = (0,)
 
     def replace(self, **changes) -> "Config":
         "A copy with `changes` applied (validated like `get_config`'s overrides)."
@@ -89,12 +107,15 @@ SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=20000, n_val=1000, width=0.25,
                 ann_epochs=15, train_attack_steps=5, T_search=50, search_batches=4, n_sweep=500, ft_epochs=3,
                 ft_n_train=5000, eval_pgd_steps=10, val_attack_steps=3, n_val_eval=500, n_eval=500,
-                square_queries=1000),
-    "ci": dict(dataset="cifar10-exact", test_dataset="cifar10-exact", n_train=None, n_val=500, n_test=500,
-               width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=2, T_search=24, search_batches=2,
+                square_queries=1000, e2e_epochs=15, e2e_n_train=10000, e2e_attack_steps=3, ablation_T=(4, 16),
+                n_ablation=500, n_ood=500, headline_seeds=(0, 1)),
+    "ci": dict(dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
+               width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, bn_calib_batches=4, sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
-               ft_batch_size=32, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2, n_val_eval=200,
-               n_eval=64, apgd_steps=3, square_queries=200, eps_curve=(0.0, 4 / 255, 8 / 255, 16 / 255)),
+               ft_batch_size=32, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,
+               n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 4 / 255, 8 / 255, 16 / 255),
+               e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
+               ablation_T=(8,), n_ablation=200, n_ood=200),
 }
 
 
@@ -103,6 +124,12 @@ def _check_keys(overrides: dict) -> None:
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown configuration key(s) {sorted(unknown)}; known keys: {', '.join(sorted(known))}")
+
+
+def config_from_dict(d: dict) -> Config:
+    "The `Config` recorded in a results or artifact file (`cfg.to_dict()` after a JSON round trip: lists become tuples)."
+    known = {f.name: f for f in fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
 def get_config(scale: str = "ci", **overrides) -> Config:
@@ -118,8 +145,10 @@ def _parse_value(name: str, text: str):
     typ = str(f.type)
     if text.lower() in ("none", "null") and "Optional" in typ:
         return None
-    if "tuple" in typ:
-        return tuple(_parse_value("eps_test", v) for v in text.split(",") if v.strip())
+    if "tuple" in typ:  # elements take the type of the default's elements: str, int, or float (fractions allowed)
+        kind = type(f.default[0]) if f.default else float
+        as_elem = {str: "arch", int: "T"}.get(kind, "eps_test")
+        return tuple(_parse_value(as_elem, v.strip()) for v in text.split(",") if v.strip())
     if "bool" in typ:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{name} takes true/false, got {text!r}")
@@ -154,6 +183,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "finetune": ("ft_objective", "ft_adversary", "ft_epochs", "ft_n_train", "ft_batch_size", "ft_lr",
                  "ft_momentum", "ft_weight_decay", "ft_eps", "ft_alpha", "ft_beta", "ft_pgd_steps",
                  "learn_thresholds", "T", "val_attack_steps", "n_val_eval"),
+    "e2e": ("e2e_epochs", "e2e_batch_size", "e2e_lr", "e2e_weight_decay", "e2e_attack_steps", "e2e_n_train",
+            "rat_beta", "eps_train", "T", "val_attack_steps", "n_val_eval"),
 }
 
 
@@ -167,7 +198,7 @@ def stage_key(cfg: Config, stage: str, parent: Optional[str] = None, **extra) ->
     "The artifact address of `stage` under `cfg`, built on artifact `parent`, with `extra` fields (e.g. objective)."
     if stage not in STAGE_FIELDS:
         raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_FIELDS)}")
-    groups = ("data", "model", stage) if stage in ("ann",) else (stage,)
+    groups = ("data", "model", stage) if stage in ("ann", "e2e") else (stage,)
     payload = {k: getattr(cfg, k) for g in groups for k in STAGE_FIELDS[g]}
     payload.update(stage=stage, parent=parent, **extra)
     return f"{stage}-{config_hash(payload)}"

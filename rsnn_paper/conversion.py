@@ -21,7 +21,8 @@ from .training import accuracy, derive_seed, eval_mode, resolve_device
 
 # %% auto #0
 __all__ = ['SWEEP_SCALE', 'transfer_parameters', 'percentile', 'search_thresholds', 'recalibrate_bn', 'search_batches', 'convert',
-           'set_thresholds', 'build_converted', 'sweep_accuracy', 'sweep_latencies', 'run_conversion_section']
+           'set_thresholds', 'build_converted', 'sweep_accuracy', 'sweep_latencies', 'run_conversion_section',
+           'render_conversion']
 
 # %% ../nbs/11_conversion.ipynb #967cc281
 import matplotlib.pyplot as plt
@@ -241,14 +242,17 @@ def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> di
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "n_test": len(test),
            "n_sweep": n_sweep, "config": cfg.to_dict(), "converted": res, "sweeps": sweeps}
     write_json(results_dir(cfg.scale) / "conversion.json", out)
-    _figures(out, cfg)
+    render_conversion(out)
     update_summary(cfg.scale, {"snn.converted.clean_acc": float(res["pgd_at"]["clean_acc"]),
                                "snn.converted_from_clean.clean_acc": float(res["clean"]["clean_acc"]),
                                "T": int(cfg.T), "scale": cfg.scale, "dataset": cfg.dataset})
     return out
 
 
-def _figures(out: dict, cfg: Config) -> None:
+def render_conversion(out: dict) -> None:
+    "Write the section's tables and figures from `conversion.json`'s content alone."
+    from rsnn_paper.config import config_from_dict
+    cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
     fdir = figures_dir(cfg.scale)
     fdir.mkdir(parents=True, exist_ok=True)
@@ -274,7 +278,11 @@ def _figures(out: dict, cfg: Config) -> None:
     axes[1].set(xlabel="threshold scale", ylabel="clean accuracy", title=f"Converted SNN vs threshold scale (T={cfg.T})")
     axes[1].legend(fontsize=8); fig.tight_layout()
     fig.savefig(fdir / "conversion_sweeps.png", dpi=120); plt.close(fig)
-    table = pd.DataFrame([{"ANN": o, "ANN clean": v["ann_clean_acc"], f"SNN clean (T={v['T']}, no finetuning)":
-                           v["clean_acc"]} for o, v in out["converted"].items()])
+    from rsnn_paper.metrics import format_acc
+    n = out["n_test"]
+    table = pd.DataFrame([{"ANN": o, "ANN clean": format_acc(v["ann_clean_acc"], n),
+                           f"SNN clean (T={v['T']}, no finetuning)": format_acc(v["clean_acc"], n),
+                           "kept": round(v["clean_acc"] / max(v["ann_clean_acc"], 1e-12), 3)}
+                          for o, v in out["converted"].items()])
     write_table(table, fdir / "conversion_table", f"Conversion before finetuning (scale {cfg.scale}, "
-                f"test {cfg.test_dataset} n={out['n_test']})")
+                f"test {cfg.test_dataset} n={n}, 95% Wilson intervals)")

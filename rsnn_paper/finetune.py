@@ -16,7 +16,7 @@ from .store import ArtifactStore, figures_dir, load_into, results_dir, update_su
 from .training import TrainStep, fit, resolve_device
 
 # %% auto #0
-__all__ = ['FT_OBJECTIVES', 'finetune', 'build_finetuned', 'run_finetune_section']
+__all__ = ['FT_OBJECTIVES', 'finetune', 'build_finetuned', 'run_finetune_section', 'render_finetune']
 
 # %% ../nbs/12_finetuning.ipynb #0ea63ca8
 import matplotlib.pyplot as plt
@@ -36,7 +36,7 @@ def finetune(snn: SpikingNet, cfg: Config, train, val, store: Optional[ArtifactS
     snn.set_learn_thresholds(cfg.learn_thresholds)
     snn.T = cfg.T
     if cfg.ft_objective == "none":
-        return {"history": [], "best_epoch": 0, "best_score": float("nan"), "train_time_s": 0.0}
+        return {"history": [], "best_epoch": 0, "best_score": None, "train_time_s": 0.0}  # nothing was selected
     step = TrainStep(snn, cfg.ft_objective, eps=cfg.ft_eps, steps=cfg.ft_pgd_steps, alpha=cfg.ft_alpha,
                      beta=cfg.ft_beta, adversary=cfg.ft_adversary)
     if cfg.ft_n_train is not None and cfg.ft_n_train < len(train):
@@ -94,7 +94,7 @@ def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
            "objective": cfg.ft_objective, "config": cfg.to_dict(), "snns": res}
     write_json(results_dir(cfg.scale) / "finetune.json", out)
-    _figures(out, cfg)
+    render_finetune(out)
     r = res["pgd_at"]
     update_summary(cfg.scale, {
         "snn.finetuned.clean_acc": float(r["clean_acc"]),
@@ -107,7 +107,10 @@ def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict
     return out
 
 
-def _figures(out: dict, cfg: Config) -> None:
+def render_finetune(out: dict) -> None:
+    "Write the section's tables and figures from `finetune.json`'s content alone."
+    from rsnn_paper.config import config_from_dict
+    cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
     fdir = figures_dir(cfg.scale)
     fdir.mkdir(parents=True, exist_ok=True)
@@ -128,9 +131,10 @@ def _figures(out: dict, cfg: Config) -> None:
     ax.set(xlabel="finetuning epoch", ylabel="validation accuracy", title=f"Finetuning ({out['objective']}, T={cfg.T})")
     ax.legend(fontsize=8); fig.tight_layout()
     fig.savefig(fdir / "finetune_curves.png", dpi=120); plt.close(fig)
-    table = pd.DataFrame([{"SNN converted from": o, "clean": v["clean_acc"],
-                           f"PGD ε={cfg.eps_train * 255:.0f}/255": v["pgd_acc_train_eps"],
-                           f"PGD ε={cfg.eps_test * 255:.0f}/255": v["pgd_acc_test_eps"],
-                           "finetune time (s)": v["train_time_s"]} for o, v in out["snns"].items()])
+    from rsnn_paper.metrics import format_acc
+    table = pd.DataFrame([{"SNN converted from": o, "clean": format_acc(v["clean_acc"], v["n"]),
+                           f"PGD ε={cfg.eps_train * 255:.0f}/255": format_acc(v["pgd_acc_train_eps"], v["n"]),
+                           f"PGD ε={cfg.eps_test * 255:.0f}/255": format_acc(v["pgd_acc_test_eps"], v["n"]),
+                           "finetune time (s)": round(v["train_time_s"], 1)} for o, v in out["snns"].items()])
     write_table(table, fdir / "finetune_table", f"Finetuned SNNs ({out['objective']}, T={cfg.T}, scale {cfg.scale}, "
-                f"test {cfg.test_dataset}; PGD-{cfg.eval_pgd_steps} by BPTT with PCW γ=1)")
+                f"test {cfg.test_dataset}; PGD-{cfg.eval_pgd_steps} by BPTT with PCW γ=1; 95% Wilson intervals)")
