@@ -13,7 +13,8 @@ from .config import SCALES, get_config, parse_overrides
 from .store import ArtifactStore, figures_dir, results_dir
 
 # %% auto #0
-__all__ = ['cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_bench', 'build_parser', 'main']
+__all__ = ['cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_render', 'cmd_bench',
+           'build_parser', 'main']
 
 # %% ../nbs/30_cli.ipynb #25cefd18
 def _sections():
@@ -22,10 +23,15 @@ def _sections():
     from rsnn_paper.conversion import run_conversion_section
     from rsnn_paper.finetune import run_finetune_section
     from rsnn_paper.attack_section import run_attack_section
-    return [("ann", lambda cfg, store, progress: run_ann_section(cfg, store=store, progress=progress)),
-            ("conversion", lambda cfg, store, progress: run_conversion_section(cfg, store=store, progress=progress)),
-            ("finetune", lambda cfg, store, progress: run_finetune_section(cfg, store=store, progress=progress)),
-            ("attacks", lambda cfg, store, progress: run_attack_section(cfg, store=store, progress=progress))]
+    from rsnn_paper.baselines import run_baselines_section
+    from rsnn_paper.ablations import run_ablation_section
+    from rsnn_paper.ood import run_ood_section
+    from rsnn_paper.paper import render_all, write_claims
+    runners = {"ann": run_ann_section, "conversion": run_conversion_section, "finetune": run_finetune_section,
+               "attacks": run_attack_section, "baselines": run_baselines_section, "ablations": run_ablation_section,
+               "ood": run_ood_section}
+    out = [(name, lambda cfg, store, progress, f=f: f(cfg, store=store, progress=progress)) for name, f in runners.items()]
+    return out + [("paper", lambda cfg, store, progress: (render_all(cfg.scale), write_claims(cfg.scale)))]
 
 
 def _config(args):
@@ -112,6 +118,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_render(args) -> int:
+    from rsnn_paper.paper import render_all, write_claims
+    paths = render_all(args.scale)
+    claims = write_claims(args.scale)
+    print(f"rendered {len(paths)} tables and figures into {figures_dir(args.scale)}")
+    if args.readme:
+        from rsnn_paper.paper import update_readme
+        print("README.md updated" if update_readme(args.scale) else "README.md already up to date")
+    for c in claims:
+        print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['claim']}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from rsnn_paper import bench
     return bench.main(["--quick"] if args.quick else []) or 0
@@ -149,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stage", default="finetuned", choices=("ann", "converted", "finetuned"))
     e.add_argument("--objective", default="pgd_at", choices=("clean", "pgd_at", "trades", "mart"))
     e.set_defaults(func=cmd_evaluate)
+    rd = sub.add_parser("render", help="re-render every table and figure and the claims from results/<scale>/ alone")
+    rd.add_argument("--scale", default="ci", choices=list(SCALES))
+    rd.add_argument("--readme", action="store_true", help="also put the main and claims tables into README.md")
+    rd.set_defaults(func=cmd_render)
     b = sub.add_parser("bench", help="speed and memory of the spiking time loop (prints ratios; asserts nothing)")
     b.add_argument("--quick", action="store_true", help="width 1/8 only")
     b.set_defaults(func=cmd_bench)

@@ -1,0 +1,219 @@
+"""Sections 5-8: the SNN-RAT constraint, the ablation grid, the OOD bookkeeping, the claims and the final rendering."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rsnn_paper import paper
+from rsnn_paper.ablations import ABLATION_GROUPS, ablation_variants
+from rsnn_paper.baselines import BASELINES, EVAL_FIELDS, ParsevalHook, parseval_retraction, project_simplex
+from rsnn_paper.config import Config, config_from_dict, get_config, parse_overrides, stage_key
+from rsnn_paper.models import create_model
+
+
+def _gram_error(w):
+    m = w.reshape(w.shape[0], -1)
+    return torch.linalg.matrix_norm(m @ m.t() - torch.eye(m.shape[0], dtype=m.dtype)).item()
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (16, 3, 3, 3), (10, 64)])
+def test_parseval_retraction_lowers_gram_error(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
+    errs = [_gram_error(w)]
+    for _ in range(30):
+        w = parseval_retraction(w, 0.05)
+        errs.append(_gram_error(w))
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.3 * errs[0]
+
+
+def test_parseval_retraction_formula_and_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    beta = 0.01
+    assert torch.allclose(parseval_retraction(w, beta), (1 + beta) * w - beta * w @ w.t() @ w)
+    rows = torch.tensor([1, 4])
+    out = parseval_retraction(w, beta, rows)
+    keep = [0, 2, 3, 5]
+    assert torch.equal(out[keep], w[keep])  # rows not chosen are untouched
+    s = w[rows]
+    assert torch.allclose(out[rows], (1 + beta) * s - beta * s @ s.t() @ s)
+
+
+@pytest.mark.parametrize("v,expected", [([0.7, 0.6], [0.55, 0.45]), ([2.0, -1.0], [1.0, 0.0]),
+                                        ([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]), ([-1.0, -1.0], [0.5, 0.5])])
+def test_project_simplex(v, expected):
+    p = project_simplex(torch.tensor(v, dtype=torch.float64))
+    assert torch.allclose(p, torch.tensor(expected, dtype=torch.float64))
+    assert abs(float(p.sum()) - 1) < 1e-12 and bool((p >= 0).all())
+
+
+def test_parseval_hook_on_a_model_is_deterministic_and_touches_wide_linear_rows_only_in_part():
+    torch.manual_seed(0)
+    a = create_model("vgg11", width=0.125)
+    b = create_model("vgg11", width=0.125)
+    b.load_state_dict(a.state_dict())
+    before = a.classifier[0].weight.detach().clone()  # 1024 -> 512: wide, 30% of rows
+    with torch.no_grad():
+        ParsevalHook(0.004, seed=3)(a)
+        ParsevalHook(0.004, seed=3)(b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    changed = (a.classifier[0].weight != before).any(1)
+    assert int(changed.sum()) == int(0.3 * 512)
+    last = a.classifier[-1]  # 10 outputs: every row
+    assert last.out_features < 200
+
+
+def test_parseval_hook_projects_merge_scalars():
+    net = create_model("resnet20", width=0.25)
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.merge_a.fill_(1.2); blk.merge_b.fill_(-0.1)
+        ParsevalHook(0.004)(net)
+    for blk in net.blocks:
+        assert float(blk.merge_a.detach()) == pytest.approx(1.0) and float(blk.merge_b.detach()) == pytest.approx(0.0)
+
+
+def test_baselines_are_data_and_unknown_names_fail():
+    from rsnn_paper.baselines import build_e2e
+    assert set(BASELINES) == {"e2e_at", "snn_rat"}
+    assert BASELINES["snn_rat"]["objective"] == "fgsm_at" and BASELINES["snn_rat"]["parseval"]
+    with pytest.raises(ValueError, match="e2e_at"):
+        build_e2e(get_config("ci"), "snn_xyz")
+    cfg = get_config("ci")
+    assert stage_key(cfg, "e2e", baseline="e2e_at") != stage_key(cfg, "e2e", baseline="snn_rat")
+    assert stage_key(cfg, "e2e", baseline="e2e_at") == stage_key(cfg.replace(eps_test=1 / 255), "e2e", baseline="e2e_at")
+    assert stage_key(cfg, "e2e", baseline="e2e_at") != stage_key(cfg.replace(rat_beta=0.01), "e2e", baseline="e2e_at")
+
+
+@pytest.mark.parametrize("scale", ["ci", "cpu", "paper"])
+def test_ablation_grid(scale):
+    cfg = get_config(scale)
+    vs = ablation_variants(cfg)
+    assert {v["group"] for v in vs} == set(ABLATION_GROUPS)
+    for g in ABLATION_GROUPS:
+        rs = [v for v in vs if v["group"] == g]
+        assert rs[0]["name"] == "proposed" and rs[0]["overrides"] == {} and rs[0]["ann_objective"] == "pgd_at"
+        assert len(rs) >= 2, g  # every group varies something
+        assert len({v["name"] for v in rs}) == len(rs)
+    for v in vs:
+        cfg.replace(**v["overrides"])  # every override is a valid configuration
+    objs = {v["ann_objective"] for v in vs if v["group"] == "ann_objective"}
+    assert objs == {"pgd_at", *cfg.ablation_ann_objectives}
+    assert {v["overrides"].get("ft_objective") for v in vs if v["group"] == "objective"} == {None, "none", "at"}
+
+
+def test_config_round_trip_and_tuple_overrides():
+    cfg = get_config("ci")
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert parse_overrides(["ablation_T=4,16", "ood_severities=1,5", "ablation_alphas=1/255"]) == {
+        "ablation_T": (4, 16), "ood_severities": (1, 5), "ablation_alphas": (1 / 255,)}
+
+
+def test_cli_reproduce_runs_every_section_in_order():
+    from rsnn_paper.cli import _sections
+    assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "ablations", "ood",
+                                            "paper"]
+
+
+# ---------------------------------------------------------------- claims and rendering from results files alone
+
+def _acc_n(acc, n):
+    return {"acc": acc, "n": n}
+
+
+def _fake_results(robust_snn=0.30, other_snn=0.22, e2e=0.05, ens=0.10, single=0.13):
+    """Minimal results files with the fields the claims read (numbers are parameters of the test)."""
+    n = 500
+    ann = {"dataset": "cifar10-jpeg", "test_dataset": "cifar10-exact",
+           "anns": {"clean": {"clean_acc": 0.52, "pgd_acc_train_eps": 0.28},
+                    "pgd_at": {"clean_acc": 0.48, "pgd_acc_train_eps": 0.32}}}
+    finetune = {"snns": {"pgd_at": {"n": n, "pgd_acc_train_eps": robust_snn},
+                         "clean": {"n": n, "pgd_acc_train_eps": other_snn}}}
+    base = {"n_images": 100, "models": {
+        "finetuned": {"pgd.ensemble_acc": 0.12, "clean_acc": 0.45},
+        "e2e_at": {"pgd.ensemble_acc": e2e, "clean_acc": 0.30},
+        "snn_rat": {"pgd.ensemble_acc": e2e / 2, "clean_acc": 0.28}}}
+    attacks = {"n_images": 100, "whitebox": {"pgd": {"ensemble_acc": ens, "best_single_acc": single,
+                                                     "best_single_source": "pcw_1"},
+                                             "fgsm": {"ensemble_acc": 0.2}},
+               "blackbox": {"square_snn": {"robust_acc": 0.2}, "transfer_from_ann": {"robust_acc": 0.25},
+                            "square_ann": {"robust_acc": 0.3}}}
+    fams = {"gaussian_noise": {"1": 0.4, "5": 0.2}}
+    ood = {"n_images": 200, "severities": [1, 5], "clean_acc": {"ann_clean": 0.5, "ann_pgd_at": 0.45, "snn_clean": 0.45,
+                                                               "snn_pgd_at": 0.42},
+           "corrupted": {"ann_clean": fams, "ann_pgd_at": {"gaussian_noise": {"1": 0.42, "5": 0.35}},
+                         "snn_clean": fams, "snn_pgd_at": {"gaussian_noise": {"1": 0.40, "5": 0.33}}}}
+    return {"ann": ann, "finetune": finetune, "baselines": base, "attacks": attacks, "ood": ood}
+
+
+def test_claims_are_computed_from_the_numbers():
+    R = _fake_results()
+    cs = {c.__name__: c(R) for c in paper.CLAIMS}
+    assert all({"claim", "holds", "firm", "numbers"} <= set(c) for c in cs.values())
+    assert cs["claim_transfer"]["holds"]  # 0.30 > 0.22 and within 5 points of 0.32
+    assert cs["claim_vs_e2e"]["holds"] and cs["claim_vs_e2e"]["numbers"]["robustness_ratio"] == pytest.approx(0.12 / 0.05)
+    assert cs["claim_ensemble"]["holds"] and not cs["claim_ensemble"]["firm"]
+    assert cs["claim_blackbox"]["holds"] and cs["claim_ood"]["holds"]
+    # change a number, the verdict follows
+    assert not paper.claim_transfer(_fake_results(robust_snn=0.20))["holds"]
+    assert not paper.claim_vs_e2e(_fake_results(e2e=0.10))["holds"]
+    assert not paper.claim_ensemble(_fake_results(ens=0.13))["holds"]
+    R2 = _fake_results()
+    R2["attacks"]["blackbox"]["square_snn"]["robust_acc"] = 0.05
+    assert not paper.claim_blackbox(R2)["holds"]
+
+
+def test_render_all_fails_on_a_missing_results_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    (tmp_path / "results" / "ci").mkdir(parents=True)
+    for s in list(paper.SECTIONS)[:-1]:
+        (tmp_path / "results" / "ci" / f"{s}.json").write_text("{}")
+    with pytest.raises(paper.MissingResultError, match="ood.json"):
+        paper.render_all("ci")
+    with pytest.raises(paper.MissingResultError, match="rsnn-paper reproduce"):
+        paper.compute_claims("ci")
+
+
+def test_render_all_fails_when_a_renderer_leaves_an_output_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    (tmp_path / "results" / "ci").mkdir(parents=True)
+    for s in paper.SECTIONS:
+        (tmp_path / "results" / "ci" / f"{s}.json").write_text("{}")
+    monkeypatch.setattr(paper, "_renderer", lambda s: (lambda out: None))  # renders nothing
+    with pytest.raises(paper.MissingResultError, match="not rendered"):
+        paper.render_all("ci")
+
+
+def test_committed_ci_claims_match_the_committed_results():
+    """The committed claims file is what `write_claims` computes from the committed results files."""
+    from rsnn_paper.store import project_root
+    rdir = project_root() / "results" / "ci"
+    if not (rdir / "claims.json").is_file():
+        pytest.skip("no committed ci claims")
+    saved = json.loads((rdir / "claims.json").read_text())
+    fresh = paper.compute_claims("ci")
+    assert [c["claim"] for c in saved] == [c["claim"] for c in fresh]
+    assert [c["holds"] for c in saved] == [c["holds"] for c in fresh]
+
+
+def test_update_readme_fills_only_its_block(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    fdir = tmp_path / "figures" / "ci"
+    fdir.mkdir(parents=True)
+    (fdir / "main_table.md").write_text("**main**\n\n| a |\n|---|\n| 1 |\n")
+    (fdir / "claims_table.md").write_text("**claims**\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:ci:start -->\nold\n<!-- results:ci:end -->\noutro\n")
+    assert paper.update_readme("ci", readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- results:ci:end -->\noutro\n")
+    assert "old" not in text and "**main**" in text and "**claims**" in text
+    assert not paper.update_readme("ci", readme)  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:ci:start"):
+        paper.update_readme("ci", readme)
