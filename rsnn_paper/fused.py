@@ -22,13 +22,17 @@ __all__ = ['IMPLEMENTATIONS', 'RESETS', 'current_implementation', 'set_implement
 
 # %% ../nbs/02b_fused.ipynb #162c2d9b
 IMPLEMENTATIONS = ("fused", "reference")
-_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("rsnn_if_implementation", default="fused")
 
 
 def _check_impl(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {name!r}; expected one of {IMPLEMENTATIONS}")
     return name
+
+
+# the process-wide default: fused, or `RSNN_IF_IMPL=reference` to time a whole run on the reference loop
+_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rsnn_if_implementation", default=_check_impl(os.environ.get("RSNN_IF_IMPL", "fused").strip() or "fused"))
 
 
 def current_implementation() -> str:
