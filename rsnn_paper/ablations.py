@@ -83,16 +83,35 @@ def evaluate_variant(snn, key: str, x, y, cfg: Config, store: ArtifactStore, pro
             "pgd_ensemble_acc": ens["ensemble_acc"], "warnings": ens.get("warnings", [])}
 
 # %% ../nbs/15_ablations.ipynb #8bc79625
+def _variant_job(cfg: Config, variant: dict, root: str) -> str:
+    "Build and evaluate one variant into the store at `root` (a `run_parallel` job); returns its key."
+    from rsnn_paper.attack_section import eval_images
+    from rsnn_paper.training import load_splits
+    store = ArtifactStore(root)
+    splits = load_splits(cfg)
+    x, y = eval_images(cfg.replace(n_eval=cfg.n_ablation), splits[2])
+    snn, key, cv = build_variant(cfg, variant, store, splits)
+    evaluate_variant(snn, key, x, y, cv, store)
+    return key
+
+
 def run_ablation_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Build and evaluate every variant of `ablation_variants(cfg)` on `cfg.n_ablation` test images; write
     `results/<scale>/ablations.json`, the table and the figure, and `ablation.*` keys of summary.json."""
     from rsnn_paper.attack_section import eval_images
     from rsnn_paper.training import load_splits
+    from rsnn_paper.training import run_parallel
     store = store or ArtifactStore()
     splits = load_splits(cfg)
     x, y = eval_images(cfg.replace(n_eval=cfg.n_ablation), splits[2])
+    variants = ablation_variants(cfg)
+    if cfg.workers > 1:  # the proposed chain first (every variant shares its parents), then the rest in parallel,
+        _variant_job(cfg, variants[0], str(store.root))  # longest first: a new ANN, then a new latency
+        rest = sorted((v for v in variants if v["name"] != "proposed"),
+                      key=lambda v: (v["ann_objective"] in ("pgd_at", "clean"), "T" not in v["overrides"]))
+        run_parallel([(_variant_job, (cfg, v, str(store.root))) for v in rest], cfg.workers)
     rows, done = [], {}
-    for v in ablation_variants(cfg):
+    for v in variants:
         snn, key, cv = build_variant(cfg, v, store, splits, progress)
         if key not in done:
             done[key] = evaluate_variant(snn, key, x, y, cv, store, progress)

@@ -12,7 +12,7 @@ import torch
 from .config import Config, get_config, stage_key
 from .models import create_model
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, accuracy, fit, load_splits, resolve_device
+from .training import TrainStep, accuracy, fit, load_splits, resolve_device, run_parallel
 
 # %% auto #0
 __all__ = ['ANN_OBJECTIVES', 'build_ann', 'evaluate_model', 'write_table', 'run_ann_section', 'render_ann']
@@ -101,12 +101,20 @@ def write_table(df: pd.DataFrame, stem, title: str) -> None:
     _atomic_write(stem.with_suffix(".md"), lambda f: f.write(md.encode()))
 
 
+def _ann_job(cfg: Config, objective: str, root: str) -> str:
+    "Build one ANN into the store at `root` (a `run_parallel` job); returns its key."
+    return build_ann(cfg, objective, ArtifactStore(root), progress=False)[1]["key"]
+
+
 def run_ann_section(cfg: Config, objectives: Sequence[str] = ("clean", "pgd_at"), store=None,
                     progress: bool = True) -> dict:
     """Train or reuse the ANNs of `objectives`, evaluate them, and write `results/<scale>/ann.json`, the table
     `figures/<scale>/ann_table.{md,csv}` and the figure `figures/<scale>/ann_learning_curves.png`."""
     store = store or ArtifactStore()
-    splits = load_splits(cfg)
+    splits = load_splits(cfg)  # first, here: decodes and caches the dataset once for every worker
+    todo = [o for o in objectives if not store.exists(stage_key(cfg, "ann", objective=o))]
+    if cfg.workers > 1 and len(todo) > 1:  # independent trainings, one process each
+        run_parallel([(_ann_job, (cfg, o, str(store.root))) for o in todo], cfg.workers)
     results, metas = {}, {}
     for obj in objectives:
         model, meta = build_ann(cfg, obj, store, splits, progress=progress)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .config import Config, get_config, stage_key
 from .models import SpikingNet, create_model
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, derive_seed, fit, resolve_device
+from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel
 
 # %% auto #0
 __all__ = ['BASELINES', 'EVAL_FIELDS', 'parseval_retraction', 'project_simplex', 'ParsevalHook', 'build_e2e', 'evaluate_snn',
@@ -147,6 +147,11 @@ def _cost(model: SpikingNet, x: torch.Tensor, cfg: Config) -> dict:
     return cost_report(model.to(device), x[: cfg.eval_batch_size].to(device), T=cfg.T)
 
 
+def _e2e_job(cfg: Config, kind: str, root: str) -> str:
+    "Train one baseline into the store at `root` (a `run_parallel` job); returns its key."
+    return build_e2e(cfg, kind, ArtifactStore(root), progress=False)[1]["key"]
+
+
 def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Train (or load) the end-to-end baselines, evaluate them and the converted-and-finetuned SNN with the same
     ensembles, measure their cost, and write `results/<scale>/baselines.json`, the main table, the cost table,
@@ -157,6 +162,9 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     splits = load_splits(cfg)
     M = section_models(cfg, store, progress)
     x, y = eval_images(cfg, splits[2])
+    todo = [k for k in BASELINES if not store.exists(stage_key(cfg, "e2e", baseline=k))]
+    if cfg.workers > 1 and len(todo) > 1:  # the two trainings are independent: one process each
+        run_parallel([(_e2e_job, (cfg, k, str(store.root))) for k in todo], cfg.workers)
     ann = M["ann_pgd_at"]
     rows, cost = {}, {}
     snn, key = M["snn_pgd_at"]

@@ -20,6 +20,7 @@ class Config:
     scale: str = "paper"
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
+    workers: int = 1      # independent builds run in this many processes (one thread each; CPU only)
     # data
     dataset: str = "cifar10-jpeg"       # training images (and the validation split carved from them)
     test_dataset: str = "cifar10-jpeg"  # evaluation images
@@ -104,12 +105,12 @@ class Config:
 # %% ../nbs/04_config.ipynb #9b7edea8
 SCALES: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": dict(dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=20000, n_val=1000, width=0.25,
+    "cpu": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=20000, n_val=1000, width=0.25,
                 ann_epochs=15, train_attack_steps=5, T_search=50, search_batches=4, n_sweep=500, ft_epochs=3,
                 ft_n_train=5000, eval_pgd_steps=10, val_attack_steps=3, n_val_eval=500, n_eval=500,
                 square_queries=1000, e2e_epochs=15, e2e_n_train=10000, e2e_attack_steps=3, ablation_T=(4, 16),
                 n_ablation=500, n_ood=500, headline_seeds=(0, 1)),
-    "ci": dict(dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
+    "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
                width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, bn_calib_batches=4, sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,

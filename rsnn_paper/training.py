@@ -21,7 +21,7 @@ from .store import ArtifactStore, CorruptArtifactError, load_torch, save_torch
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'resolve_device', 'eval_mode', 'derive_seed', 'kl_div', 'pgd_train_adversary', 'rfgsm_kl_adversary',
-           'TrainStep', 'accuracy', 'fit', 'load_splits']
+           'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
@@ -288,3 +288,19 @@ def load_splits(cfg) -> tuple:
     if cfg.n_test is not None and cfg.n_test < len(test):
         test = test.subset(stratified_indices(test.targets, cfg.n_test, seed=cfg.seed))
     return train, val, test
+
+# %% ../nbs/07_training.ipynb #7ed5ce97
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_parallel(jobs: list, workers: int = 1) -> list:
+    "Run `jobs` = [(function, args), ...] in up to `workers` processes (one thread each); returns their results in order."
+    if workers <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [f(*a) for f, a in jobs]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                initializer=_one_thread) as ex:
+        futures = [ex.submit(f, *a) for f, a in jobs]
+        return [fu.result() for fu in futures]  # a job's exception is raised here, with its traceback
