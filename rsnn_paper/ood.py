@@ -95,7 +95,8 @@ def mean_corrupted(out: dict, model: str) -> float:
 
 # %% ../nbs/16_ood.ipynb #30793672
 def render_ood(out: dict) -> list:
-    "Write the OOD table (mean over severities per family) and the per-family figure; returns the paths."
+    """Write the OOD table (mean over severities per family), every accuracy per model, family and severity
+    (`ood_by_severity.csv`), and the per-family figure; returns the paths."""
     from rsnn_paper.ann import write_table
     scale, n = out["scale"], out["n_images"]
     fdir = figures_dir(scale)
@@ -108,6 +109,10 @@ def render_ood(out: dict) -> list:
                      **{f: round(float(np.mean(list(c[f].values()))), 3) for f in fams},
                      "mean corrupted": round(mean_corrupted(out, k), 3),
                      "relative drop": round(1 - mean_corrupted(out, k) / max(out["clean_acc"][k], 1e-12), 3)})
+    long = pd.DataFrame([{"model": k, "corruption": f, "severity": int(sv), "accuracy": a}
+                         for k, fam in out["corrupted"].items() for f, by in fam.items() for sv, a in by.items()])
+    from rsnn_paper.store import _atomic_write
+    _atomic_write(fdir / "ood_by_severity.csv", lambda fh: fh.write(long.to_csv(index=False).encode()))
     src = sorted(set(out["source"].values()))
     write_table(pd.DataFrame(rows), fdir / "ood_table",
                 f"Accuracy under common corruptions, mean over severities {out['severities']} (scale {scale}, n={n} "
@@ -126,4 +131,4 @@ def render_ood(out: dict) -> list:
     fig.supxlabel("severity"); fig.supylabel("accuracy")
     fig.suptitle(f"Common corruptions (scale {scale}, n={n})", fontsize=9)
     fig.tight_layout(); fig.savefig(fdir / "ood.png", dpi=110); plt.close(fig)
-    return [fdir / "ood_table.md", fdir / "ood.png"]
+    return [fdir / "ood_table.md", fdir / "ood_by_severity.csv", fdir / "ood.png"]

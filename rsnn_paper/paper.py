@@ -31,7 +31,7 @@ SECTIONS = {  # results file -> (renderer module, renderer name, the files it re
     "baselines": ("rsnn_paper.baselines", "render_baselines",
                   ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png")),
     "ablations": ("rsnn_paper.ablations", "render_ablations", ("ablation_table.md", "ablation_table.csv", "ablations.png")),
-    "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood.png")),
+    "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
 }
 
 
