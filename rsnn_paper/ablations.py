@@ -13,7 +13,7 @@ from .config import Config, config_hash, get_config
 from .store import ArtifactStore, cached_json, figures_dir, results_dir, update_summary, write_json
 
 # %% auto #0
-__all__ = ['ABLATION_GROUPS', 'ablation_variants', 'build_variant', 'evaluate_variant', 'run_ablation_section',
+__all__ = ['ABLATION_GROUPS', 'ablation_variants', 'build_variant', 'variant_key', 'evaluate_variant', 'run_ablation_section',
            'render_ablations']
 
 # %% ../nbs/15_ablations.ipynb #5cb551cd
@@ -72,6 +72,14 @@ def build_variant(cfg: Config, variant: dict, store: ArtifactStore, splits, prog
     return snn.eval(), meta["key"], cv
 
 
+def variant_key(cfg: Config, variant: dict) -> str:
+    "The artifact address of `variant`'s finetuned SNN (computed, nothing is built)."
+    from rsnn_paper.config import stage_key
+    cv = cfg.replace(**variant["overrides"])
+    ann = stage_key(cv, "ann", objective=variant["ann_objective"])
+    return stage_key(cv, "finetune", parent=stage_key(cv, "convert", parent=ann))
+
+
 def evaluate_variant(snn, key: str, x, y, cfg: Config, store: ArtifactStore, progress: bool = False) -> dict:
     """Clean accuracy, PGD (triangle surrogate) at ε_train, and the PGD ensemble over the 19 sources at ε_test
     (cascade: each source only on the images still robust) of artifact `key` on images `x`."""
@@ -105,11 +113,11 @@ def run_ablation_section(cfg: Config, store=None, progress: bool = True) -> dict
     splits = load_splits(cfg)
     x, y = eval_images(cfg.replace(n_eval=cfg.n_ablation), splits[2])
     variants = ablation_variants(cfg)
-    if cfg.workers > 1:  # the proposed chain first (every variant shares its parents), then the rest in parallel,
-        _variant_job(cfg, variants[0], str(store.root))  # longest first: a new ANN, then a new latency
-        rest = sorted((v for v in variants if v["name"] != "proposed"),
-                      key=lambda v: (v["ann_objective"] in ("pgd_at", "clean"), "T" not in v["overrides"]))
-        run_parallel([(_variant_job, (cfg, v, str(store.root))) for v in rest], cfg.workers)
+    todo = [v for v in variants if v["name"] != "proposed" and not store.exists(variant_key(cfg, v))]
+    if cfg.workers > 1 and len(todo) > 1:  # the proposed chain first (every variant shares its parents), then the
+        _variant_job(cfg, variants[0], str(store.root))  # rest in parallel, longest first: a new ANN, a new latency
+        todo.sort(key=lambda v: (v["ann_objective"] in ("pgd_at", "clean"), "T" not in v["overrides"]))
+        run_parallel([(_variant_job, (cfg, v, str(store.root))) for v in todo], cfg.workers)
     rows, done = [], {}
     for v in variants:
         snn, key, cv = build_variant(cfg, v, store, splits, progress)

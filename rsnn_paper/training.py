@@ -294,9 +294,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _importable(f) -> bool:
+    return getattr(f, "__module__", None) not in (None, "__main__")
+
+
 def run_parallel(jobs: list, workers: int = 1) -> list:
     "Run `jobs` = [(function, args), ...] in up to `workers` processes (one thread each); returns their results in order."
-    if workers <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    spawnable = _importable(_one_thread) and all(_importable(f) for f, _ in jobs)
+    if workers <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or not spawnable:
         return [f(*a) for f, a in jobs]
     import concurrent.futures as cf
     import multiprocessing as mp

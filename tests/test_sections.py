@@ -217,3 +217,22 @@ def test_update_readme_fills_only_its_block(tmp_path, monkeypatch):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:ci:start"):
         paper.update_readme("ci", readme)
+
+
+def test_variant_keys_are_distinct_and_shared_by_the_proposed_rows():
+    from rsnn_paper.ablations import variant_key
+    cfg = get_config("ci")
+    vs = ablation_variants(cfg)
+    keys = [variant_key(cfg, v) for v in vs]
+    assert len(set(keys)) == len(vs) - len(ABLATION_GROUPS) + 1
+    assert len({k for k, v in zip(keys, vs) if v["name"] == "proposed"}) == 1
+
+
+def test_run_parallel_runs_notebook_functions_here():
+    from rsnn_paper.training import run_parallel
+    import __main__
+    def local(v):
+        return v + 1
+    local.__module__ = "__main__"  # as a function defined in a notebook: spawned workers could not import it
+    assert run_parallel([(local, (1,)), (local, (2,))], workers=2) == [2, 3]
+    assert run_parallel([(pow, (2, 5)), (abs, (-3,))], workers=2) == [32, 3]
