@@ -127,8 +127,12 @@ def render_ood(out: dict) -> list:
         ax.set_title(f, fontsize=8)
     for ax in axes.flat[len(fams):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.supxlabel("severity"); fig.supylabel("accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    for ax in axes[-1]:
+        ax.set_xlabel("severity", fontsize=8)
+    fig.supylabel("accuracy")
     fig.suptitle(f"Common corruptions (scale {scale}, n={n})", fontsize=9)
-    fig.tight_layout(); fig.savefig(fdir / "ood.png", dpi=110); plt.close(fig)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.savefig(fdir / "ood.png", dpi=110); plt.close(fig)
     return [fdir / "ood_table.md", fdir / "ood_by_severity.csv", fdir / "ood.png"]
