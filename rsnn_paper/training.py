@@ -20,8 +20,8 @@ from .data import augment, iterate_batches
 from .store import ArtifactStore, CorruptArtifactError, load_torch, save_torch
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'resolve_device', 'eval_mode', 'derive_seed', 'kl_div', 'pgd_train_adversary', 'rfgsm_kl_adversary',
-           'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
+__all__ = ['OBJECTIVES', 'resolve_device', 'eval_mode', 'derive_seed', 'seed_from_key', 'kl_div', 'pgd_train_adversary',
+           'rfgsm_kl_adversary', 'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,6 +48,11 @@ def derive_seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
+
+
+def seed_from_key(seed: int, key: str) -> int:
+    "The seed of an artifact's random initialisation: from the run's seed and the artifact's address (its hash part)."
+    return derive_seed(seed, int(key.rsplit("-", 1)[-1][:15], 16))
 
 
 def kl_div(p_log_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:

@@ -236,3 +236,22 @@ def test_run_parallel_runs_notebook_functions_here():
     local.__module__ = "__main__"  # as a function defined in a notebook: spawned workers could not import it
     assert run_parallel([(local, (1,)), (local, (2,))], workers=2) == [2, 3]
     assert run_parallel([(pow, (2, 5)), (abs, (-3,))], workers=2) == [32, 3]
+
+
+def test_initial_weights_depend_on_the_configuration_only(tmp_path):
+    """PyTorch seeds each new process's global RNG randomly; the ANN's and the baselines' initial weights must not
+    depend on it: they are drawn from a seed derived from the run's seed and the artifact's address."""
+    from rsnn_paper.ann import build_ann
+    from rsnn_paper.baselines import build_e2e
+    from rsnn_paper.store import ArtifactStore
+    from rsnn_paper.training import seed_from_key
+    assert seed_from_key(0, "ann-656ecdc3e7c26a4e") != seed_from_key(1, "ann-656ecdc3e7c26a4e")
+    cfg = get_config("ci", dataset="cifar10-exact", n_train=300, n_val=100, n_test=100, ann_epochs=1, e2e_epochs=1, e2e_n_train=64, n_val_eval=50,
+                     workers=1)
+    for build, arg in ((build_ann, "clean"), (build_e2e, "snn_rat")):
+        torch.manual_seed(1)
+        a, _ = build(cfg, arg, ArtifactStore(tmp_path / f"a-{arg}"), progress=False)
+        torch.manual_seed(2)
+        b, _ = build(cfg, arg, ArtifactStore(tmp_path / f"b-{arg}"), progress=False)
+        for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), k
