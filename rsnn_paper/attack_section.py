@@ -22,13 +22,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 # %% ../nbs/13_attack_ensemble.ipynb #79c64769
-def section_models(cfg: Config, store: ArtifactStore, progress: bool = False) -> dict:
-    "The PGD-AT ANN, the finetuned SNN converted from it, and the finetuned SNN converted from the clean ANN."
+def section_models(cfg: Config, store: ArtifactStore, progress: bool = False, splits: tuple | None = None) -> dict:
+    """The PGD-AT ANN, the finetuned SNN converted from it, and the finetuned SNN converted from the clean ANN
+    (`splits`: the `load_splits(cfg)` a caller already holds)."""
     from rsnn_paper.ann import build_ann
     from rsnn_paper.conversion import build_converted
     from rsnn_paper.finetune import build_finetuned
     from rsnn_paper.training import load_splits
-    train, val, test = splits = load_splits(cfg)
+    train, val, test = splits = splits or load_splits(cfg)
     out = {"test": test}
     for obj in ("pgd_at", "clean"):
         ann, ameta = build_ann(cfg, obj, store, splits, progress=progress)

@@ -162,7 +162,7 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     splits = load_splits(cfg)
-    M = section_models(cfg, store, progress)
+    M = section_models(cfg, store, progress, splits)
     x, y = eval_images(cfg, splits[2])
     todo = [k for k in BASELINES if not store.exists(stage_key(cfg, "e2e", baseline=k))]
     if cfg.workers > 1 and len(todo) > 1:  # the two trainings are independent: one process each
@@ -214,7 +214,7 @@ def headline_seeds(cfg: Config, first: dict, x, y, store: ArtifactStore, progres
             continue
         cs = cfg.replace(seed=int(s))
         splits = load_splits(cs)
-        models = {"finetuned": section_models(cs, store, progress)["snn_pgd_at"]}
+        models = {"finetuned": section_models(cs, store, progress, splits)["snn_pgd_at"]}
         for kind in BASELINES:
             m, meta = build_e2e(cs, kind, store, splits, progress=progress)
             models[kind] = (m, meta["key"])

@@ -158,13 +158,18 @@ def _loop_step(currents, impl: str):
 
 
 def _workloads(width: float, batch: int, T: int, device, channels_last: bool, seed: int = 0):
-    torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model("vgg11", width=width).to(device=device, memory_format=fmt)
-    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    xTB = torch.rand(T * batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
-    yTB = torch.randint(0, 10, (T * batch,), device=device)
+    with torch.random.fork_rng(devices=[]):  # seeded workloads; the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        model = create_model("vgg11", width=width)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(batch, 3, 32, 32, generator=g)
+        xTB = torch.rand(T * batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        yTB = torch.randint(0, 10, (T * batch,), generator=g)
+    model = model.to(device=device, memory_format=fmt)
+    x, xTB = (t.to(device).contiguous(memory_format=fmt) for t in (x, xTB))
+    y, yTB = y.to(device), yTB.to(device)
     currents = _layer_currents(model, x, T)
     return {
         "loop_relu": _loop_step(currents, "relu"),

@@ -17,12 +17,13 @@ from .data import augment, iterate_batches
 from .models import SpikingNet, create_model
 from .neurons import IFNeuron
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import accuracy, derive_seed, eval_mode, resolve_device
+from .attacks import eval_mode
+from .training import accuracy, derive_seed, resolve_device
 
 # %% auto #0
 __all__ = ['SWEEP_SCALE', 'transfer_parameters', 'percentile', 'search_thresholds', 'recalibrate_bn', 'search_batches', 'convert',
            'set_thresholds', 'build_converted', 'sweep_accuracy', 'sweep_latencies', 'run_conversion_section',
-           'render_conversion']
+           'threshold_bars', 'render_conversion']
 
 # %% ../nbs/11_conversion.ipynb #967cc281
 import matplotlib.pyplot as plt
@@ -249,6 +250,19 @@ def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> di
     return out
 
 
+def threshold_bars(series: dict, title: str, path) -> None:
+    "Grouped bars of per-layer thresholds, one colour per entry of `series` (label -> values), saved to `path`."
+    fig, ax = plt.subplots(figsize=(7, 3))
+    n = len(series)
+    width = 0.8 / n
+    for i, (label, values) in enumerate(series.items()):
+        idx = np.arange(1, len(values) + 1)
+        ax.bar(idx + (i - (n - 1) / 2) * width, values, width, label=label)
+    ax.set(xlabel="spiking layer", ylabel="threshold θ", title=title)
+    ax.set_xticks(idx); ax.legend(fontsize=8); fig.tight_layout()
+    fig.savefig(path, dpi=120); plt.close(fig)
+
+
 def render_conversion(out: dict) -> None:
     "Write the section's tables and figures from `conversion.json`'s content alone."
     from rsnn_paper.config import config_from_dict
@@ -257,13 +271,9 @@ def render_conversion(out: dict) -> None:
     fdir = figures_dir(cfg.scale)
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["converted"]["pgd_at"]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    idx = np.arange(1, len(r["raw_thresholds"]) + 1)
-    ax.bar(idx - 0.2, r["raw_thresholds"], 0.4, label=f"99.7th percentile at T={cfg.T_search}")
-    ax.bar(idx + 0.2, r["thresholds"], 0.4, label=f"× {cfg.threshold_scale:g} (used at T={cfg.T})")
-    ax.set(xlabel="spiking layer", ylabel="threshold θ", title="Thresholds of the converted PGD-AT SNN")
-    ax.set_xticks(idx); ax.legend(fontsize=8); fig.tight_layout()
-    fig.savefig(fdir / "conversion_thresholds.png", dpi=120); plt.close(fig)
+    threshold_bars({f"99.7th percentile at T={cfg.T_search}": r["raw_thresholds"],
+                    f"× {cfg.threshold_scale:g} (used at T={cfg.T})": r["thresholds"]},
+                   "Thresholds of the converted PGD-AT SNN", fdir / "conversion_thresholds.png")
     s = out["sweeps"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     Ts = sorted(s["T"], key=float)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .config import Config, get_config, stage_key
-from .conversion import transfer_parameters
+from .conversion import threshold_bars, transfer_parameters
 from .models import SpikingNet
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
 from .training import TrainStep, fit, resolve_device
@@ -20,7 +20,6 @@ __all__ = ['FT_OBJECTIVES', 'finetune', 'build_finetuned', 'run_finetune_section
 
 # %% ../nbs/12_finetuning.ipynb #0ea63ca8
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 # %% ../nbs/12_finetuning.ipynb #c898cb44
@@ -115,13 +114,8 @@ def render_finetune(out: dict) -> None:
     fdir = figures_dir(cfg.scale)
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["snns"]["pgd_at"]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    idx = np.arange(1, len(r["thresholds"]) + 1)
-    ax.bar(idx - 0.2, r["thresholds_before"], 0.4, label="after conversion")
-    ax.bar(idx + 0.2, r["thresholds"], 0.4, label="after finetuning")
-    ax.set(xlabel="spiking layer", ylabel="threshold θ", title="Thresholds before vs after finetuning (PGD-AT SNN)")
-    ax.set_xticks(idx); ax.legend(fontsize=8); fig.tight_layout()
-    fig.savefig(fdir / "finetune_thresholds.png", dpi=120); plt.close(fig)
+    threshold_bars({"after conversion": r["thresholds_before"], "after finetuning": r["thresholds"]},
+                   "Thresholds before vs after finetuning (PGD-AT SNN)", fdir / "finetune_thresholds.png")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, v in out["snns"].items():
         h = pd.DataFrame(v["history"])

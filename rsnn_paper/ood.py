@@ -36,7 +36,7 @@ def ood_models(cfg: Config, store: ArtifactStore, splits, progress: bool = False
     "Every model of `OOD_MODELS` as `(model, key)`, built or loaded through the artifact store."
     from rsnn_paper.attack_section import section_models
     from rsnn_paper.baselines import build_e2e
-    M = section_models(cfg, store, progress)
+    M = section_models(cfg, store, progress, splits)
     out = {k: M[k] for k in ("ann_clean", "ann_pgd_at", "snn_clean", "snn_pgd_at")}
     for kind in ("e2e_at", "snn_rat"):
         model, meta = build_e2e(cfg, kind, store, splits, progress=progress)

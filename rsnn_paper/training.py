@@ -4,11 +4,10 @@
 
 # %% ../nbs/07_training.ipynb #15ab37ca
 from __future__ import annotations
-import contextlib
 import math
 import os
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .attacks import eval_mode  # one eval-mode context for attacks and training
 from .data import augment, iterate_batches
 from .store import ArtifactStore, CorruptArtifactError, load_torch, save_torch
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'resolve_device', 'eval_mode', 'derive_seed', 'seed_from_key', 'kl_div', 'pgd_train_adversary',
-           'rfgsm_kl_adversary', 'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
+__all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'kl_div', 'pgd_train_adversary', 'rfgsm_kl_adversary',
+           'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
@@ -29,17 +29,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    "Run a block with `model.eval()`, restoring the previous train/eval mode afterwards."
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 def derive_seed(*parts: int) -> int:
