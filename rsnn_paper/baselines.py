@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -178,14 +179,18 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
                          "finetune_time_s": float(ft_meta["train_time_s"]),
                          **evaluate_snn(snn, key, x, y, cfg, store, ann, progress)}
     cost["finetuned"] = _cost(snn, x, cfg)
+    nets = {"finetuned": (snn, key)}
     for kind, spec in BASELINES.items():
         model, meta = build_e2e(cfg, kind, store, splits, progress=progress)
+        nets[kind] = (model, meta["key"])
         rows[kind] = {"label": spec["label"], "key": meta["key"], "train_time_s": float(meta["train_time_s"]),
                       "best_epoch": meta["best_epoch"], "history": meta["history"],
                       **evaluate_snn(model, meta["key"], x, y, cfg, store, ann, progress)}
         cost[kind] = _cost(model, x, cfg)
-    from rsnn_paper.attack_section import whitebox
+    from rsnn_paper.attack_section import pgd_curve, whitebox
     from rsnn_paper.surrogates import DEFAULT_SOURCE
+    for k, (m, mk) in nets.items():  # robust accuracy vs ε, the same ensemble for every SNN
+        rows[k]["pgd_curve"] = pgd_curve(m, mk, x, y, cfg, store, rows[k]["whitebox"]["pgd"], progress=progress)
     a = {k: whitebox(*ann, x, y, k, cfg.eps_test, cfg, store, sources=(DEFAULT_SOURCE,)) for k in ("fgsm", "pgd", "apgd-ce")}
     ann_row = {"label": "ANN, PGD-AT (reference)", "key": ann[1], "n": len(y), "clean_acc": a["pgd"]["clean_acc"],
                "fgsm.ensemble_acc": a["fgsm"]["ensemble_acc"], "pgd.ensemble_acc": a["pgd"]["ensemble_acc"],
@@ -269,4 +274,26 @@ def render_baselines(out: dict) -> list:
     ax.set(xlabel="spiking layer", ylabel="spike rate (per neuron per step)", title=f"Spike rates (T={out['T']}, scale {scale})")
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(fdir / "spike_rates.png", dpi=120); plt.close(fig)
-    return [fdir / "main_table.md", fdir / "cost_table.md", fdir / "spike_rates.png"]
+    paths = [fdir / "main_table.md", fdir / "cost_table.md", fdir / "spike_rates.png"]
+    if all("pgd_curve" in m for m in out["models"].values()):  # results written before the curve have none
+        paths.append(_plot_eps_curves(out, fdir / "main_eps_curve.png"))
+    return paths
+
+
+def _plot_eps_curves(out: dict, path) -> Path:
+    "Robust accuracy vs ε of every SNN of the main table, with 95% Wilson intervals as error bars."
+    from rsnn_paper.metrics import wilson_interval
+    n = out["n_images"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, m in enumerate(out["models"].values()):
+        es = sorted(m["pgd_curve"], key=float)
+        acc = np.array([m["pgd_curve"][e] for e in es])
+        lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
+        x = np.array([float(e) * 255 for e in es]) + (i - 1) * 0.15  # a small offset keeps the bars apart
+        ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
+    ax.axvline(out["eps"] * 255, ls=":", c="gray")
+    ax.set(xlabel="ε (/255)", ylabel="robust accuracy (PGD ensemble)",
+           title=f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")
+    ax.legend(fontsize=7); fig.tight_layout()
+    fig.savefig(path, dpi=120); plt.close(fig)
+    return Path(path)

@@ -114,7 +114,7 @@ SCALES: dict[str, dict[str, Any]] = {
                width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, bn_calib_batches=4, sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,
-               n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 4 / 255, 8 / 255, 16 / 255),
+               n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 4 / 255, 8 / 255),
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
                ablation_T=(8,), n_ablation=200, n_ood=100),
 }

@@ -74,16 +74,23 @@ class _Stop(Exception):
     pass
 
 
+def _dropouts(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
 @torch.no_grad()
 def search_thresholds(snn: SpikingNet, batches: Sequence[torch.Tensor], T: int = 100, q: float = 99.7,
                       progress: bool = False) -> list[float]:
     """Set every spiking unit's threshold, layer by layer in forward order: θ_l = max over `batches` of the
     `q`-th percentile of unit l's input current at latency `T`, with earlier units' thresholds already set.
-    Runs in train mode (BN uses batch statistics over time × batch). Returns the thresholds found."""
+    Runs in train mode (BN uses batch statistics over time × batch) with dropout off: the currents are those the
+    evaluated network sees, and the search draws no random numbers. Returns the thresholds found."""
     units = snn.spiking_units()
     found = []
     was, old_T = snn.training, snn.T
     snn.train()
+    for d in _dropouts(snn):
+        d.eval()
     snn.T = T
     try:
         for i, unit in enumerate(tqdm(units, desc="threshold search", disable=not progress, leave=False)):
@@ -117,12 +124,11 @@ def recalibrate_bn(model: SpikingNet, dataset, n_batches: int, batch_size: int, 
     batches, in train mode at the model's current T (BN sees the time-merged [T·B, …] tensor). Dropout is off."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
-    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     for m in bns:
         m.reset_running_stats(); m.momentum = None  # cumulative average
     was = model.training
     model.train()
-    for d in drops:
+    for d in _dropouts(model):
         d.eval()
     g = torch.Generator().manual_seed(derive_seed(seed, 7))
     try:

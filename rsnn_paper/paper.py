@@ -29,7 +29,8 @@ SECTIONS = {  # results file -> (renderer module, renderer name, the files it re
                 ("attack_sources_table.md", "attack_sources_table.csv", "attack_blackbox_table.md",
                  "attack_blackbox_table.csv", "attack_eps_curve.png")),
     "baselines": ("rsnn_paper.baselines", "render_baselines",
-                  ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png")),
+                  ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png",
+                   "main_eps_curve.png")),
     "ablations": ("rsnn_paper.ablations", "render_ablations", ("ablation_table.md", "ablation_table.csv", "ablations.png")),
     "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
 }
@@ -100,12 +101,20 @@ def claim_vs_e2e(R: dict) -> dict:
     loss_ours = ref - m["finetuned"]["clean_acc"]
     loss_theirs = ref - m[best]["clean_acc"]
     holds = ratio >= 1.5 and loss_ours < loss_theirs
+    by_eps = {}  # the same comparison at every ε of the robustness curves (context; the claim is decided at ε_test)
+    if all("pgd_curve" in m[k] for k in ("finetuned", best)):
+        for e in sorted(m["finetuned"]["pgd_curve"], key=float):
+            a, b = m["finetuned"]["pgd_curve"][e], m[best]["pgd_curve"].get(e)
+            if b is not None and float(e) > 0:
+                by_eps[f"{round(float(e) * 255, 2):g}/255"] = {"ours": _acc(a, n), "e2e": _acc(b, n),
+                                                     **({"ratio": float(a / b)} if b > 0 else {})}
     return {"claim": "About 2× the robustness of end-to-end robust SNN training (PGD ensemble at ε_test; holds when "
                      "≥ 1.5×) with a smaller clean-accuracy loss",
             "holds": bool(holds), "firm": bool(holds and _apart(ours, theirs)),
             "numbers": {"ours_pgd_ensemble": ours, "best_e2e": best, "e2e_pgd_ensemble": theirs,
                         "robustness_ratio": float(min(ratio, 1e9)), "clean_loss_ours": float(loss_ours),
-                        "clean_loss_e2e": float(loss_theirs), "clean_ann_clean_acc": float(ref)}}
+                        "clean_loss_e2e": float(loss_theirs), "clean_ann_clean_acc": float(ref),
+                        "by_eps": by_eps}}
 
 
 def claim_ensemble(R: dict) -> dict:
@@ -167,8 +176,9 @@ def compute_claims(scale: str) -> list[dict]:
 def _fmt(v) -> str:
     if isinstance(v, dict) and "acc" in v:
         return f"{v['acc']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
-    if isinstance(v, dict):
-        return "; ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, dict):  # nested groups in parentheses, e.g. by_eps: 2/255 (ours …; e2e …; ratio …)
+        return "; ".join(f"{k} ({_fmt(x)})" if isinstance(x, dict) and "acc" not in x else f"{k} {_fmt(x)}"
+                         for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)

@@ -226,6 +226,19 @@ def test_threshold_search_layer_by_layer_by_hand():
     assert net.act1.threshold.item() == pytest.approx(th1, abs=1e-5)
 
 
+def test_threshold_search_runs_without_dropout_and_draws_no_random_numbers():
+    "Dropout (VGG's classifier has two) must be off: the search is deterministic and leaves the global RNG alone."
+    torch.manual_seed(0)
+    snn = transfer_parameters(create_model("vgg11", width=0.125)).eval()
+    data = [torch.rand(4, 3, 32, 32) for _ in range(2)]
+    state = torch.random.get_rng_state()
+    th1 = search_thresholds(snn, data, T=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    th2 = search_thresholds(snn, data, T=2)
+    assert th1 == th2 and len(th1) == len(snn.spiking_units())
+    assert not any(m.training for m in snn.modules())  # eval mode restored on every module
+
+
 def test_transfer_copies_weights_not_bn_statistics():
     ann = create_model("resnet20", width=0.25)
     for m in ann.modules():

@@ -168,6 +168,42 @@ def test_claims_are_computed_from_the_numbers():
     assert not paper.claim_blackbox(R2)["holds"]
 
 
+def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
+    R = _fake_results()
+    assert paper.claim_vs_e2e(R)["numbers"]["by_eps"] == {}  # results without curves: no by-ε numbers
+    curve = lambda *a: {f"{e / 255:.6f}": v for e, v in zip((0, 2, 8), a)}
+    m = R["baselines"]["models"]
+    m["finetuned"]["pgd_curve"] = curve(0.45, 0.30, 0.12)
+    m["e2e_at"]["pgd_curve"] = curve(0.30, 0.10, 0.05)
+    m["snn_rat"]["pgd_curve"] = curve(0.28, 0.0, 0.025)
+    c = paper.claim_vs_e2e(R)
+    by = c["numbers"]["by_eps"]
+    assert list(by) == ["2/255", "8/255"]  # ε = 0 (clean) is not a robustness comparison
+    assert by["2/255"]["ours"]["acc"] == 0.30 and by["2/255"]["ratio"] == pytest.approx(3.0)
+    assert c["numbers"]["best_e2e"] == "e2e_at" and c["holds"]  # decided at ε_test as before
+    m["e2e_at"]["pgd_curve"]["0.007843"] = 0.0  # a zero denominator leaves the ratio out, never inf or NaN
+    assert "ratio" not in paper.claim_vs_e2e(R)["numbers"]["by_eps"]["2/255"]
+
+
+def test_main_eps_curve_is_rendered_with_intervals(tmp_path, monkeypatch):
+    from rsnn_paper.baselines import render_baselines
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    curve = {f"{e / 255:.6f}": a for e, a in ((0, 0.4), (4, 0.2), (8, 0.1))}
+    row = lambda label: {"label": label, "clean_acc": 0.4, "fgsm.ensemble_acc": 0.2, "pgd.ensemble_acc": 0.1,
+                         "apgd.ensemble_acc": 0.1, "train_time_s": 1.0, "pgd_curve": curve}
+    cost = {"T": 4, "mean_spike_rate": 0.1, "spike_rates": {"l1": 0.1, "l2": 0.2}, "energy_ratio": 0.2,
+            "snn": {"ac": 1e6, "mac": 1e5}, "ann": {"mac": 2e6}}
+    out = {"scale": "ci", "dataset": "d", "test_dataset": "t", "n_images": 100, "eps": 8 / 255, "T": 4,
+           "ann": row("ANN"), "models": {k: row(k) for k in ("finetuned", "e2e_at", "snn_rat")},
+           "cost": {k: cost for k in ("finetuned", "e2e_at", "snn_rat")}}
+    paths = render_baselines(out)
+    assert [p.name for p in paths] == ["main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    for m in out["models"].values():
+        del m["pgd_curve"]  # results written before the curves: no figure, and render_all names it as missing
+    assert "main_eps_curve.png" not in [p.name for p in render_baselines(out)]
+
+
 def test_render_all_fails_on_a_missing_results_file(tmp_path, monkeypatch):
     monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
     (tmp_path / "results" / "ci").mkdir(parents=True)
