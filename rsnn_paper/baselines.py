@@ -291,7 +291,7 @@ def _plot_eps_curves(out: dict, path) -> Path:
         lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
         x = np.array([float(e) * 255 for e in es]) + (i - 1) * 0.15  # a small offset keeps the bars apart
         ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
-    ax.axvline(out["eps"] * 255, ls=":", c="gray")
+    ax.axvline(out["eps"] * 255, ls=":", c="gray", label="ε_test (the main table)")
     ax.set(xlabel="ε (/255)", ylabel="robust accuracy (PGD ensemble)",
            title=f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")
     ax.legend(fontsize=7); fig.tight_layout()

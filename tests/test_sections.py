@@ -181,8 +181,12 @@ def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
     assert list(by) == ["2/255", "8/255"]  # ε = 0 (clean) is not a robustness comparison
     assert by["2/255"]["ours"]["acc"] == 0.30 and by["2/255"]["ratio"] == pytest.approx(3.0)
     assert c["numbers"]["best_e2e"] == "e2e_at" and c["holds"]  # decided at ε_test as before
-    m["e2e_at"]["pgd_curve"]["0.007843"] = 0.0  # a zero denominator leaves the ratio out, never inf or NaN
-    assert "ratio" not in paper.claim_vs_e2e(R)["numbers"]["by_eps"]["2/255"]
+    m["snn_rat"]["pgd_curve"]["0.007843"] = 0.15  # at each ε the comparison is with the stronger baseline there
+    by = paper.claim_vs_e2e(R)["numbers"]["by_eps"]
+    assert by["2/255"]["e2e_model"] == "snn_rat" and by["2/255"]["ratio"] == pytest.approx(2.0)
+    assert by["8/255"]["e2e_model"] == "e2e_at"
+    m["e2e_at"]["pgd_curve"]["0.007843"] = m["snn_rat"]["pgd_curve"]["0.007843"] = 0.0
+    assert "ratio" not in paper.claim_vs_e2e(R)["numbers"]["by_eps"]["2/255"]  # never inf or NaN
 
 
 def test_main_eps_curve_is_rendered_with_intervals(tmp_path, monkeypatch):
