@@ -504,4 +504,5 @@ d = { 'settings': { 'branch': 'main',
                                      'rsnn_paper.training.rfgsm_kl_adversary': ( 'training.html#rfgsm_kl_adversary',
                                                                                  'rsnn_paper/training.py'),
                                      'rsnn_paper.training.run_parallel': ('training.html#run_parallel', 'rsnn_paper/training.py'),
-                                     'rsnn_paper.training.seed_from_key': ('training.html#seed_from_key', 'rsnn_paper/training.py')}}}
+                                     'rsnn_paper.training.seed_from_key': ('training.html#seed_from_key', 'rsnn_paper/training.py'),
+                                     'rsnn_paper.training.seeded': ('training.html#seeded', 'rsnn_paper/training.py')}}}

@@ -12,7 +12,7 @@ import torch
 from .config import Config, get_config, stage_key
 from .models import create_model
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, accuracy, fit, load_splits, resolve_device, run_parallel, seed_from_key
+from .training import TrainStep, accuracy, fit, load_splits, resolve_device, run_parallel, seed_from_key, seeded
 
 # %% auto #0
 __all__ = ['ANN_OBJECTIVES', 'build_ann', 'evaluate_model', 'write_table', 'run_ann_section', 'render_ann']
@@ -34,8 +34,7 @@ def build_ann(cfg: Config, objective: str = "pgd_at", store: Optional[ArtifactSt
     store = store or ArtifactStore()
     key = stage_key(cfg, "ann", objective=objective)
     train, val, _ = splits or load_splits(cfg)
-    with torch.random.fork_rng():  # the initial weights depend on the configuration only, never on earlier work
-        torch.manual_seed(seed_from_key(cfg.seed, key))
+    with seeded(seed_from_key(cfg.seed, key)):  # initial weights depend on the configuration only
         model = create_model(cfg.arch, num_classes=train.num_classes, width=cfg.width, mean=train.mean, std=train.std)
     if store.exists(key) and not force:
         sd, meta = store.load(key)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .config import Config, get_config, stage_key
 from .models import SpikingNet, create_model
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel, seed_from_key
+from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel, seed_from_key, seeded
 
 # %% auto #0
 __all__ = ['BASELINES', 'EVAL_FIELDS', 'parseval_retraction', 'project_simplex', 'ParsevalHook', 'build_e2e', 'evaluate_snn',
@@ -91,8 +91,7 @@ def build_e2e(cfg: Config, kind: str, store: Optional[ArtifactStore] = None, spl
     spec = _check_baseline(kind)
     store = store or ArtifactStore()
     key = stage_key(cfg, "e2e", baseline=kind)
-    with torch.random.fork_rng():  # the initial weights depend on the configuration only
-        torch.manual_seed(seed_from_key(cfg.seed, key))
+    with seeded(seed_from_key(cfg.seed, key)):  # the initial weights depend on the configuration only
         snn = create_model(cfg.arch, width=cfg.width, threshold=1.0, learn_threshold=False)
     snn.T = cfg.T
     if store.exists(key) and not force:

@@ -21,6 +21,7 @@ from . import fused
 from .fused import use_implementation
 from .models import create_model
 from .neurons import integrate_and_fire
+from .training import seeded
 
 # %% auto #0
 __all__ = ['peak_memory_bytes', 'time_interleaved', 'run_benchmark', 'format_report', 'main']
@@ -159,8 +160,7 @@ def _loop_step(currents, impl: str):
 
 def _workloads(width: float, batch: int, T: int, device, channels_last: bool, seed: int = 0):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with torch.random.fork_rng(devices=[]):  # seeded workloads; the caller's global RNG is left as it was
-        torch.manual_seed(seed)
+    with seeded(seed):  # seeded workloads; the caller's global RNG is left as it was
         model = create_model("vgg11", width=width)
         g = torch.Generator().manual_seed(seed)
         x = torch.rand(batch, 3, 32, 32, generator=g)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .baselines import BASELINES
 from .config import Config, config_from_dict
 from .store import figures_dir, read_json, results_dir, write_json
 
@@ -94,7 +95,7 @@ def claim_vs_e2e(R: dict) -> dict:
     n = b["n_images"]
     m = b["models"]
     ours = _acc(m["finetuned"]["pgd.ensemble_acc"], n)
-    best = max(("e2e_at", "snn_rat"), key=lambda k: m[k]["pgd.ensemble_acc"])
+    best = max(BASELINES, key=lambda k: m[k]["pgd.ensemble_acc"])
     theirs = _acc(m[best]["pgd.ensemble_acc"], n)
     ratio = ours["acc"] / theirs["acc"] if theirs["acc"] > 0 else float("inf")
     ref = R["ann"]["anns"]["clean"]["clean_acc"]  # clean-accuracy loss against the clean ANN
@@ -102,11 +103,11 @@ def claim_vs_e2e(R: dict) -> dict:
     loss_theirs = ref - m[best]["clean_acc"]
     holds = ratio >= 1.5 and loss_ours < loss_theirs
     by_eps = {}  # ours vs the best baseline *at each ε* of the robustness curves (context; decided at ε_test)
-    if all("pgd_curve" in m[k] for k in ("finetuned", "e2e_at", "snn_rat")):
+    if all("pgd_curve" in m[k] for k in ("finetuned", *BASELINES)):
         for e in sorted(m["finetuned"]["pgd_curve"], key=float):
-            if float(e) == 0 or any(e not in m[k]["pgd_curve"] for k in ("e2e_at", "snn_rat")):
+            if float(e) == 0 or any(e not in m[k]["pgd_curve"] for k in BASELINES):
                 continue
-            k = max(("e2e_at", "snn_rat"), key=lambda k: m[k]["pgd_curve"][e])
+            k = max(BASELINES, key=lambda k: m[k]["pgd_curve"][e])
             a, b = m["finetuned"]["pgd_curve"][e], m[k]["pgd_curve"][e]
             by_eps[f"{round(float(e) * 255, 2):g}/255"] = {"ours": _acc(a, n), "e2e": _acc(b, n), "e2e_model": k,
                                                           **({"ratio": float(a / b)} if b > 0 else {})}

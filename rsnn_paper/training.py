@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,8 @@ from .data import augment, iterate_batches
 from .store import ArtifactStore, CorruptArtifactError, load_torch, save_torch
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'kl_div', 'pgd_train_adversary', 'rfgsm_kl_adversary',
-           'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
+__all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'seeded', 'kl_div', 'pgd_train_adversary',
+           'rfgsm_kl_adversary', 'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
@@ -42,6 +43,14 @@ def derive_seed(*parts: int) -> int:
 def seed_from_key(seed: int, key: str) -> int:
     "The seed of an artifact's random initialisation: from the run's seed and the artifact's address (its hash part)."
     return derive_seed(seed, int(key.rsplit("-", 1)[-1][:15], 16))
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    "Run a block with PyTorch's global RNG seeded with `seed`; the caller's RNG state (CPU and CUDA) is restored after."
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def kl_div(p_log_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
