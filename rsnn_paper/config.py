@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 # %% auto #0
-__all__ = ['SCALES', 'STAGE_FIELDS', 'Config', 'config_from_dict', 'get_config', 'parse_overrides', 'config_hash', 'stage_key']
+__all__ = ['SCALES', 'OUTPUT_FIELDS', 'STAGE_FIELDS', 'LEGACY_VALUES', 'Config', 'config_from_dict', 'get_config',
+           'parse_overrides', 'config_hash', 'stage_key']
 
 # %% ../nbs/04_config.ipynb #985b381c
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     workers: int = 1      # independent builds run in this many processes (one thread each; CPU only)
+    out_dir: Optional[str] = None  # where this run's results, tables and figures go (None: its own folder, see store)
     # data
     dataset: str = "cifar10-jpeg"       # training images (and the validation split carved from them)
     test_dataset: str = "cifar10-jpeg"  # evaluation images
@@ -30,7 +32,7 @@ class Config:
     # model
     arch: str = "vgg11"
     width: float = 1.0
-    # robust ANN training (method.md §3)
+    # robust ANN training (section 1, nbs/10_ann_training.ipynb)
     ann_epochs: int = 200
     ann_batch_size: int = 64
     ann_lr: float = 0.1
@@ -41,17 +43,19 @@ class Config:
     train_attack_steps: int = 10
     trades_beta: float = 6.0
     mart_beta: float = 4.0
-    # conversion (method.md §4)
+    # conversion (section 2, nbs/11_conversion.ipynb)
     T_search: int = 100
     search_batches: int = 11
     search_batch_size: int = 64
     percentile: float = 99.7
+    percentile_method: str = "nearest_rank"  # "nearest_rank" (the authors' code) | "linear" (numpy's default)
+    search_fresh_batches: bool = True        # a fresh shuffled set of search batches per spiking unit (the authors')
     threshold_scale: float = 0.3
     bn_calib_batches: int = 20
     T: int = 8
     sweep_T_max: int = 64            # the latency sweep of the conversion figure runs T = 4, 8, ..., sweep_T_max
     n_sweep: Optional[int] = None    # test images of the conversion sweeps (None = the whole test subset)
-    # robust finetuning (method.md §5)
+    # robust finetuning (section 3, nbs/12_finetuning.ipynb)
     ft_objective: str = "kl_ce"   # "none" | "at" | "kl_ce"
     ft_adversary: str = "rfgsm"   # "rfgsm" | "pgd"
     ft_epochs: int = 60
@@ -65,7 +69,8 @@ class Config:
     ft_beta: float = 2.0
     ft_pgd_steps: int = 10
     learn_thresholds: bool = True
-    # evaluation (method.md §6)
+    ft_bn_init: str = "recalibrate"  # BN statistics at the start: "recalibrate" (ours) | "reset" (0/1, the authors')
+    # evaluation (section 4, nbs/13_attack_ensemble.ipynb)
     eps_test: float = 8 / 255
     eval_pgd_steps: int = 20
     eval_batch_size: int = 64
@@ -74,8 +79,15 @@ class Config:
     apgd_steps: int = 10              # the authors' runs use 10; AutoAttack uses 100
     square_queries: int = 5000
     eps_curve: tuple = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # the accuracy-vs-ε figure
+    # the strong protocol (every claim is decided on it; `rsnn_paper.evaluation`): the per-image worst case over
+    # APGD-CE, targeted APGD-DLR and a cosine-step PGD with restarts (every gradient source), then Square
+    strong_steps: int = 100           # iterations of APGD-CE, APGD-T and the cosine PGD (AutoAttack: 100)
+    strong_restarts: int = 3          # restarts of the cosine PGD
+    strong_targets: int = 9           # target classes of APGD-T (AutoAttack: 9; capped at K-1)
+    conv_sources: int = 3             # the convergence round attacks with the sources that broke most images
+    conv_tol: float = 0.01            # ... and may lower robust accuracy by at most this much (else: flagged)
     n_val_eval: Optional[int] = None  # validation images used per epoch (None = the whole split)
-    # end-to-end SNN baselines trained from scratch by BPTT (method.md §6): plain PGD-AT and SNN-RAT
+    # end-to-end SNN baselines trained from scratch by BPTT (section 5, nbs/14_baselines.ipynb): plain PGD-AT and SNN-RAT
     e2e_epochs: int = 200
     e2e_batch_size: int = 64
     e2e_lr: float = 0.1
@@ -83,12 +95,12 @@ class Config:
     e2e_attack_steps: int = 10        # PGD steps of the end-to-end AT baseline (SNN-RAT uses one FGSM step)
     e2e_n_train: Optional[int] = None  # stratified subset of the training split (None = all)
     rat_beta: float = 0.004           # Parseval retraction strength (the authors' logs; their code default 5e-4)
-    # ablations (method.md §7.4-5), each variant finetuned and evaluated with the PGD ensemble
+    # ablations (section 6, nbs/15_ablations.ipynb), each variant finetuned and evaluated with the PGD ensemble
     ablation_alphas: tuple = (0.5 / 255, 1.5 / 255)   # RFGSM α besides the default ft_alpha
     ablation_T: tuple = (4, 16)                       # latencies besides the default T
     ablation_ann_objectives: tuple = ("clean", "trades", "mart")  # ANN objectives besides PGD-AT
     n_ablation: Optional[int] = None  # test images of the ablation evaluations (None = the whole test subset)
-    # out-of-distribution corruptions (CIFAR-10-C families, method.md §6)
+    # out-of-distribution corruptions (CIFAR-10-C families, section 7, nbs/16_ood.ipynb)
     ood_severities: tuple = (1, 2, 3, 4, 5)
     n_ood: Optional[int] = None       # test images per corruption and severity (None = the whole test subset)
     # uncertainty: the headline SNN is finetuned (and evaluated) once per seed
@@ -100,19 +112,25 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        "Every field (`out_dir` only when set: it says where outputs go, not what they are)."
+        d = dataclasses.asdict(self)
+        if d["out_dir"] is None:
+            del d["out_dir"]
+        return d
 
 # %% ../nbs/04_config.ipynb #9b7edea8
 SCALES: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=20000, n_val=1000, width=0.25,
-                ann_epochs=15, train_attack_steps=5, T_search=50, search_batches=4, n_sweep=500, ft_epochs=3,
+                ann_epochs=15, train_attack_steps=5, T_search=50, search_batches=4, percentile_method="linear",
+                search_fresh_batches=False, n_sweep=500, ft_epochs=3,
                 ft_n_train=5000, eval_pgd_steps=10, val_attack_steps=3, n_val_eval=500, n_eval=500,
                 square_queries=1000, e2e_epochs=15, e2e_n_train=10000, e2e_attack_steps=3, ablation_T=(4, 16),
                 n_ablation=500, n_ood=500, headline_seeds=(0, 1)),
     "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
                width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
-               search_batch_size=32, bn_calib_batches=4, sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
+               search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
+               sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,
                n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 4 / 255, 8 / 255),
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
@@ -120,17 +138,26 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Fields that say where a run's outputs go, not what they are: no run name, artifact or cache key reads them.
+OUTPUT_FIELDS = ("out_dir",)
+
+
 def _check_keys(overrides: dict) -> None:
+    import difflib
     known = {f.name for f in fields(Config)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"unknown configuration key(s) {sorted(unknown)}; known keys: {', '.join(sorted(known))}")
+        close = [m[0] for k in sorted(unknown) for m in [difflib.get_close_matches(k, known, n=1)] if m]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"unknown configuration key(s) {sorted(unknown)}{hint}; known keys: {', '.join(sorted(known))}")
 
 
 def config_from_dict(d: dict) -> Config:
-    "The `Config` recorded in a results or artifact file (`cfg.to_dict()` after a JSON round trip: lists become tuples)."
+    """The `Config` recorded in a results or artifact file (`cfg.to_dict()` after a JSON round trip: lists become
+    tuples). A knob of `LEGACY_VALUES` missing from the record is newer than it: the record had its legacy value."""
     known = {f.name: f for f in fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+    return Config(**{**LEGACY_VALUES, **recorded})
 
 
 def get_config(scale: str = "ci", **overrides) -> Config:
@@ -162,15 +189,36 @@ def _parse_value(name: str, text: str):
     return text
 
 
+def _expected(name: str) -> str:
+    "What `--set name=...` takes, in words."
+    f = {f.name: f for f in fields(Config)}[name]
+    typ = str(f.type)
+    if "tuple" in typ:
+        kind = {str: "names", int: "integers"}.get(type(f.default[0]) if f.default else float, "numbers (8/255 allowed)")
+        what = f"a comma-separated list of {kind}"
+    elif "bool" in typ:
+        what = "true or false"
+    elif "int" in typ:
+        what = "an integer"
+    elif "float" in typ:
+        what = "a number (fractions such as 8/255 allowed)"
+    else:
+        what = "a string"
+    return what + (" or none" if "Optional" in typ else "")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    "Parse `['key=value', ...]` into typed overrides."
+    "Parse `['key=value', ...]` into typed overrides; a bad value is a `ValueError` naming the key and its type."
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. --set ann_epochs=10)")
         _check_keys({key: None})
-        out[key] = _parse_value(key, value)
+        try:
+            out[key] = _parse_value(key, value)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"bad value {value!r} for {key} (in --set {item}): {key} takes {_expected(key)}") from None
     return out
 
 # %% ../nbs/04_config.ipynb #4718ee68
@@ -180,13 +228,18 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "ann": ("ann_epochs", "ann_batch_size", "ann_lr", "ann_momentum", "ann_weight_decay", "ann_cutout",
             "eps_train", "train_attack_steps", "trades_beta", "mart_beta", "val_attack_steps", "n_val_eval"),
     "convert": ("T_search", "search_batches", "search_batch_size", "percentile", "threshold_scale",
-                "bn_calib_batches", "T"),
+                "bn_calib_batches", "T", "percentile_method", "search_fresh_batches"),
     "finetune": ("ft_objective", "ft_adversary", "ft_epochs", "ft_n_train", "ft_batch_size", "ft_lr",
                  "ft_momentum", "ft_weight_decay", "ft_eps", "ft_alpha", "ft_beta", "ft_pgd_steps",
-                 "learn_thresholds", "T", "val_attack_steps", "n_val_eval"),
+                 "learn_thresholds", "T", "val_attack_steps", "n_val_eval", "ft_bn_init"),
     "e2e": ("e2e_epochs", "e2e_batch_size", "e2e_lr", "e2e_weight_decay", "e2e_attack_steps", "e2e_n_train",
             "rat_beta", "eps_train", "T", "val_attack_steps", "n_val_eval"),
 }
+
+#: Knobs added after artifacts were first stored, with the behaviour those artifacts were built with. Such a knob
+#: enters its stage's address only when its value differs, so the existing addresses stay valid.
+LEGACY_VALUES: dict[str, Any] = {"percentile_method": "linear", "search_fresh_batches": False,
+                                 "ft_bn_init": "recalibrate"}
 
 
 def config_hash(payload: dict) -> str:
@@ -200,6 +253,7 @@ def stage_key(cfg: Config, stage: str, parent: Optional[str] = None, **extra) ->
     if stage not in STAGE_FIELDS:
         raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_FIELDS)}")
     groups = ("data", "model", stage) if stage in ("ann", "e2e") else (stage,)
-    payload = {k: getattr(cfg, k) for g in groups for k in STAGE_FIELDS[g]}
+    payload = {k: getattr(cfg, k) for g in groups for k in STAGE_FIELDS[g]
+               if not (k in LEGACY_VALUES and getattr(cfg, k) == LEGACY_VALUES[k])}
     payload.update(stage=stage, parent=parent, **extra)
     return f"{stage}-{config_hash(payload)}"

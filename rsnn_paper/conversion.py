@@ -6,14 +6,14 @@
 from __future__ import annotations
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config, config_hash, get_config, stage_key
-from .data import augment, iterate_batches
+from .data import augment, augmentation_for, iterate_batches
 from .models import SpikingNet, create_model
 from .neurons import IFNeuron
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
@@ -21,9 +21,9 @@ from .attacks import eval_mode
 from .training import accuracy, derive_seed, resolve_device
 
 # %% auto #0
-__all__ = ['SWEEP_SCALE', 'transfer_parameters', 'percentile', 'search_thresholds', 'recalibrate_bn', 'search_batches', 'convert',
-           'set_thresholds', 'build_converted', 'sweep_accuracy', 'sweep_latencies', 'run_conversion_section',
-           'threshold_bars', 'render_conversion']
+__all__ = ['PERCENTILE_METHODS', 'SWEEP_SCALE', 'transfer_parameters', 'percentile', 'search_thresholds', 'reset_bn_stats',
+           'recalibrate_bn', 'search_batches', 'convert', 'set_thresholds', 'build_converted', 'sweep_accuracy',
+           'sweep_latencies', 'run_conversion_section', 'threshold_bars', 'render_conversion']
 
 # %% ../nbs/11_conversion.ipynb #967cc281
 import matplotlib.pyplot as plt
@@ -51,16 +51,24 @@ def transfer_parameters(ann: SpikingNet, bias: bool = True) -> SpikingNet:
 
 
 def _width_of(model: SpikingNet) -> float:
-    "Recover the width multiplier from the first convolution (16 or 64 channels at width 1)."
+    "Recover the width multiplier from the first convolution (64 channels at width 1 for VGGs, else 16)."
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    base = 64 if model.arch == "vgg11" else 16
+    base = 64 if model.arch.startswith("vgg") else 16
     return first.out_channels / base
 
 # %% ../nbs/11_conversion.ipynb #b1614544
-def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
-    "The `q`-th percentile of all entries of `x`, with numpy's linear interpolation."
+PERCENTILE_METHODS = ("linear", "nearest_rank")
+
+
+def percentile(x: torch.Tensor, q: float, method: str = "linear") -> torch.Tensor:
+    """The `q`-th percentile of all entries of `x`: numpy's linear interpolation (`method="linear"`) or the
+    authors' nearest rank (`"nearest_rank"`: the k-th smallest entry, k = 1 + round(0.01·q·(n−1)))."""
+    if method not in PERCENTILE_METHODS:
+        raise ValueError(f"unknown percentile method {method!r}; known: {', '.join(PERCENTILE_METHODS)}")
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
+    if method == "nearest_rank":
+        return flat.kthvalue(1 + round(0.01 * float(q) * (n - 1))).values
     pos = (q / 100.0) * (n - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     v_lo = flat.kthvalue(lo + 1).values
@@ -79,10 +87,12 @@ def _dropouts(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def search_thresholds(snn: SpikingNet, batches: Sequence[torch.Tensor], T: int = 100, q: float = 99.7,
-                      progress: bool = False) -> list[float]:
+def search_thresholds(snn: SpikingNet, batches: Union[Sequence[torch.Tensor], Callable[[int], Sequence[torch.Tensor]]],
+                      T: int = 100, q: float = 99.7, progress: bool = False, method: str = "linear") -> list[float]:
     """Set every spiking unit's threshold, layer by layer in forward order: θ_l = max over `batches` of the
-    `q`-th percentile of unit l's input current at latency `T`, with earlier units' thresholds already set.
+    `q`-th percentile (`percentile(·, q, method)`) of unit l's input current at latency `T`, with earlier units'
+    thresholds already set. `batches` is one list of input batches used for every unit, or a function giving unit
+    l's batches as `batches(l)` (a fresh set per layer, as the authors draw them).
     Runs in train mode (BN uses batch statistics over time × batch) with dropout off: the currents are those the
     evaluated network sees, and the search draws no random numbers. Returns the thresholds found."""
     units = snn.spiking_units()
@@ -98,11 +108,11 @@ def search_thresholds(snn: SpikingNet, batches: Sequence[torch.Tensor], T: int =
             captured = {}
 
             def hook(mod, inputs):
-                captured["p"] = percentile(inputs[0], q).item()
+                captured["p"] = percentile(inputs[0], q, method).item()
                 raise _Stop
             h = unit.register_forward_pre_hook(hook)
             try:
-                for x in batches:
+                for x in (batches(i) if callable(batches) else batches):
                     try:
                         snn(x)
                     except _Stop:
@@ -118,6 +128,15 @@ def search_thresholds(snn: SpikingNet, batches: Sequence[torch.Tensor], T: int =
     return found
 
 # %% ../nbs/11_conversion.ipynb #3ba2af88
+def reset_bn_stats(model: nn.Module) -> None:
+    """Reset every BN layer's running statistics to mean 0, variance 1 (and its batch counter to 0): the state in
+    which the authors' code starts finetuning (`Config.ft_bn_init = "reset"`), instead of statistics re-estimated on
+    the converted SNN (`recalibrate_bn`, our default)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+
+
 @torch.no_grad()
 def recalibrate_bn(model: SpikingNet, dataset, n_batches: int, batch_size: int, seed: int = 0, device="cpu") -> None:
     """Re-estimate every BN layer's running statistics as the plain average over `n_batches` shuffled training
@@ -142,25 +161,32 @@ def recalibrate_bn(model: SpikingNet, dataset, n_batches: int, batch_size: int, 
         model.train(was)
 
 # %% ../nbs/11_conversion.ipynb #999c9a62
-def search_batches(cfg: Config, train, device) -> list[torch.Tensor]:
-    "The shuffled, augmented (crop + flip) training batches of the threshold search."
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, 11))
+def search_batches(cfg: Config, train, device, layer: Optional[int] = None) -> list[torch.Tensor]:
+    """The shuffled training batches of the threshold search, with the training set's own augmentation (crop + flip,
+    no Cutout): one set for every layer (`layer=None`), or the fresh set drawn for spiking unit `layer`."""
+    seed = derive_seed(cfg.seed, 11) if layer is None else derive_seed(cfg.seed, 11, layer + 1)
+    g = torch.Generator().manual_seed(seed)
+    aug = augmentation_for(train)
     out = []
     for i, (x, _) in enumerate(iterate_batches(train, cfg.search_batch_size, shuffle=True, generator=g,
                                                drop_last=True, device=device)):
         if i >= cfg.search_batches:
             break
-        out.append(augment(x, g, crop_padding=4, flip=True))
+        out.append(augment(x, g, **aug))
     return out
 
 
 def convert(ann: SpikingNet, cfg: Config, train, progress: bool = True) -> tuple[SpikingNet, list[float]]:
-    """Convert `ann` into an SNN with `cfg.T` steps (method.md §4). Returns the SNN (thresholds scaled by
-    `cfg.threshold_scale`, BN re-estimated at `cfg.T`) and the unscaled thresholds of the search."""
+    """Convert `ann` into an SNN with `cfg.T` steps (the paper's conversion, Algorithm 1). Returns the SNN
+    (thresholds scaled by `cfg.threshold_scale`, BN re-estimated at `cfg.T`) and the unscaled thresholds found."""
     device = resolve_device(cfg.device)
     snn = transfer_parameters(ann.to(device))
-    raw = search_thresholds(snn, search_batches(cfg, train, device), T=cfg.T_search, q=cfg.percentile,
-                            progress=progress)
+    if cfg.search_fresh_batches:  # the authors: a fresh shuffled set of batches for each spiking unit
+        batches = lambda layer: search_batches(cfg, train, device, layer)
+    else:
+        batches = search_batches(cfg, train, device)
+    raw = search_thresholds(snn, batches, T=cfg.T_search, q=cfg.percentile, progress=progress,
+                            method=cfg.percentile_method)
     set_thresholds(snn, [cfg.threshold_scale * t for t in raw])
     snn.T = cfg.T
     recalibrate_bn(snn, train, cfg.bn_calib_batches, cfg.search_batch_size, cfg.seed, device)
@@ -222,7 +248,8 @@ def sweep_latencies(cfg: Config) -> tuple[int, ...]:
 
 def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Convert the PGD-AT ANN (and the clean ANN), measure the converted SNN before finetuning, sweep T and the
-    threshold scale, and write `results/<scale>/conversion.json` and the section's figures."""
+    threshold scale, and write `conversion.json` into the run's `results_dir(cfg)` and the section's figures into its
+    `figures_dir(cfg)`."""
     from rsnn_paper.ann import build_ann, write_table
     from rsnn_paper.data import stratified_indices
     from rsnn_paper.training import load_splits
@@ -248,11 +275,11 @@ def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> di
                                                 sweep_latencies(cfg), SWEEP_SCALE, progress))
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "n_test": len(test),
            "n_sweep": n_sweep, "config": cfg.to_dict(), "converted": res, "sweeps": sweeps}
-    write_json(results_dir(cfg.scale) / "conversion.json", out)
+    write_json(results_dir(cfg) / "conversion.json", out)
     render_conversion(out)
-    update_summary(cfg.scale, {"snn.converted.clean_acc": float(res["pgd_at"]["clean_acc"]),
-                               "snn.converted_from_clean.clean_acc": float(res["clean"]["clean_acc"]),
-                               "T": int(cfg.T), "scale": cfg.scale, "dataset": cfg.dataset})
+    update_summary(cfg, {"snn.converted.clean_acc": float(res["pgd_at"]["clean_acc"]),
+                          "snn.converted_from_clean.clean_acc": float(res["clean"]["clean_acc"]),
+                          "T": int(cfg.T), "scale": cfg.scale, "dataset": cfg.dataset})
     return out
 
 
@@ -274,7 +301,7 @@ def render_conversion(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
-    fdir = figures_dir(cfg.scale)
+    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["converted"]["pgd_at"]
     threshold_bars({f"99.7th percentile at T={cfg.T_search}": r["raw_thresholds"],

@@ -6,9 +6,11 @@
 from __future__ import annotations
 import math
 import os
+import sys
+import threading
 import time
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -17,8 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import eval_mode  # one eval-mode context for attacks and training
-from .data import augment, iterate_batches
-from .store import ArtifactStore, CorruptArtifactError, load_torch, save_torch
+from .data import augment, augmentation_for, iterate_batches
+from .store import (ArtifactStore, CheckpointMismatchError, CorruptArtifactError, load_into, load_torch,
+                              save_torch)
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'seeded', 'kl_div', 'pgd_train_adversary',
@@ -87,7 +90,7 @@ def pgd_train_adversary(model, x, y, eps, steps, alpha=None, loss="ce", p_log_cl
 
 
 def rfgsm_kl_adversary(model, x, eps, alpha, p_log_clean, generator=None) -> torch.Tensor:
-    "One-step RFGSM on KL(p(x) ‖ p(x₀)) (method.md §5): random sign step α, then a gradient-sign step ε − α."
+    "One-step RFGSM on KL(p(x) ‖ p(x₀)) (§3, nbs/12_finetuning.ipynb): random sign step α, then a gradient-sign step ε − α."
     x0 = (x + alpha * torch.sign(_randn(x, generator))).clamp(0, 1).requires_grad_(True)
     g = _input_grad(kl_div(p_log_clean, model(x0)).sum(), x0)
     x_adv = x0.detach() + (eps - alpha) * g.sign()
@@ -100,7 +103,7 @@ OBJECTIVES = ("clean", "pgd_at", "trades", "mart", "kl_ce", "at", "fgsm_at")
 class TrainStep(nn.Module):
     """The loss of one batch under `objective`; `forward(x, y, generator)` returns `(loss, logits)`.
     Adversaries are crafted with the model in eval mode; the clean forward of TRADES/MART/KL+CE runs (in train
-    mode) before the attack, as in method.md §3 and §5."""
+    mode) before the attack, as in §1 and §3 (nbs/10_ann_training.ipynb, nbs/12_finetuning.ipynb)."""
 
     def __init__(self, model: nn.Module, objective: str, eps: float, steps: int = 10, alpha: Optional[float] = None,
                  beta: float = 1.0, adversary: str = "pgd"):
@@ -190,15 +193,39 @@ def _barrier():
         dist.barrier()
 
 # %% ../nbs/07_training.ipynb #877fafa9
+def _load_resume(path, model: nn.Module, opt, sched) -> dict:
+    "Load a resume file into the model, optimiser and scheduler; returns its state. A bad file is an error naming it."
+    ck = load_torch(path)  # a truncated file raises CorruptArtifactError naming it
+    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "state"} <= set(ck):
+        raise CorruptArtifactError(f"{path} is not a training state saved by rsnn_paper; delete it to restart this "
+                                   f"training from epoch 1")
+    try:
+        load_into(model, ck["model"], source=f"resume file {path}")
+        opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{e}; delete it to restart this training from epoch 1") from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointMismatchError(f"resume file {path} does not fit this training run ({type(e).__name__}: {e}); "
+                                      f"delete it to restart this training from epoch 1") from e
+    return ck["state"]
+
+
 def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: float, momentum: float = 0.9,
-        weight_decay: float = 0.0, seed: int = 0, crop_padding: int = 4, flip: bool = True, cutout: int = 0,
+        weight_decay: float = 0.0, seed: int = 0, crop_padding: Optional[int] = None, flip: Optional[bool] = None,
+        cutout: Union[int, bool] = 0,
         select: str = "clean", val_eps: float = 0.0, val_steps: int = 10, device="cpu",
         store: Optional[ArtifactStore] = None, key: Optional[str] = None, progress: bool = True,
-        param_hook: Optional[Callable[[nn.Module], None]] = None, desc: str = "train") -> dict:
+        param_hook: Optional[Callable[[nn.Module], None]] = None, desc: str = "train",
+        heartbeat_s: float = 30.0) -> dict:
     """Train `step.model` with SGD + cosine schedule for `epochs` epochs; select the epoch with the best validation
     score (`select` = "clean", or "robust": PGD accuracy at `val_eps` with `val_steps` steps; ties go to the later
     epoch). With `store` and `key`, the training state is saved after every epoch and a rerun resumes from it.
     `param_hook(model)` runs after every optimiser step (e.g. SNN-RAT's Parseval retraction).
+    It prints one line per epoch, and a resumed run one line saying where it resumed, even with `progress` off; with
+    the progress bars off, an epoch longer than `heartbeat_s` seconds also prints a line every `heartbeat_s` seconds.
+    Augmentation is the training set's own (`data.augmentation_for(train_ds, cutout)`: its crop and flip; Cutout
+    with the dataset's side for `cutout=True`, side `cutout` for an int > 0, none for 0); `crop_padding` / `flip`
+    override the dataset's crop (a zero-padded crop) and flip when given.
     Returns `{"history": [...], "best_epoch": int, "best_score": float, "train_time_s": float}`;
     the model ends with the selected weights."""
     if select not in ("clean", "robust"):
@@ -217,12 +244,15 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
              "train_time_s": 0.0}
     resume = store.resume_path(key) if store is not None and key else None
     if resume is not None and resume.exists():
-        ck = load_torch(resume)  # a corrupt file raises CorruptArtifactError naming it
-        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
-        if progress and rank == 0:
-            print(f"{desc}: resuming after epoch {state['epoch']} from {resume}")
+        state = _load_resume(resume, model, opt, sched)
+        if rank == 0:  # even with progress off: a resumed build says what it resumed from
+            print(f"{key} resumed from epoch {state['epoch']} of {epochs} ({desc}; {resume})", flush=True)
     fill = tuple(float(v) for v in getattr(train_ds, "mean", (0.0, 0.0, 0.0)))
+    aug = augmentation_for(train_ds, cutout)  # the dataset's own crop, flip and Cutout side
+    if crop_padding is not None:
+        aug.update(crop_padding=crop_padding, resized_crop=False)
+    if flip is not None:
+        aug["flip"] = flip
     local_bs = max(1, batch_size // world)
     for epoch in range(state["epoch"] + 1, epochs + 1):
         t0 = time.time()
@@ -233,12 +263,14 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(seed, epoch, rank, 2))  # dropout masks, scoped to this epoch
             batches = iterate_batches(train_ds, batch_size, shuffle=True, generator=g, drop_last=True, device=device)
-            bar = tqdm(batches, total=len(train_ds) // batch_size, disable=not progress or rank != 0, leave=False,
+            n_batches = len(train_ds) // batch_size
+            bar = tqdm(batches, total=n_batches, disable=not progress or rank != 0, leave=False,
                        desc=f"{desc} {epoch}/{epochs}")
-            for x, y in bar:
+            beat = time.time()
+            for i, (x, y) in enumerate(bar, 1):
                 if world > 1:
                     x, y = x[rank * local_bs:(rank + 1) * local_bs], y[rank * local_bs:(rank + 1) * local_bs]
-                x = augment(x, g_local, crop_padding=crop_padding, flip=flip, cutout=cutout, fill=fill)
+                x = augment(x, g_local, **aug, fill=fill)
                 loss, logits = runner(x, y, generator=g_local)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}; lower the "
@@ -252,6 +284,10 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
                 tot_loss += loss.item() * len(y); tot_n += len(y)
                 tot_correct += (logits.argmax(1) == y).sum().item()
                 bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")
+                if not progress and heartbeat_s and rank == 0 and time.time() - beat >= heartbeat_s:
+                    beat = time.time()  # a heartbeat: no minute passes without a line, even with --quiet
+                    print(f"{desc} epoch {epoch}/{epochs}: {i}/{n_batches} batches, loss={tot_loss / tot_n:.3f} "
+                          f"({beat - t0:.0f}s)", flush=True)
         sched.step()
         train_time = time.time() - t0
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": tot_loss / max(tot_n, 1),
@@ -270,10 +306,10 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
             save_torch(resume, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "state": state})
         _barrier()
-        if progress and rank == 0:
+        if rank == 0:  # one line per epoch, progress bars or not
             extra = f" val_robust={row['val_robust_acc']:.3f}" if "val_robust_acc" in row else ""
             print(f"{desc} epoch {epoch}/{epochs}: loss={row['train_loss']:.3f} train_acc={row['train_acc']:.3f} "
-                  f"val_clean={row['val_clean_acc']:.3f}{extra} ({train_time:.0f}s)")
+                  f"val_clean={row['val_clean_acc']:.3f}{extra} ({train_time:.0f}s)", flush=True)
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     return {"history": state["history"], "best_epoch": state["best_epoch"], "best_score": state["best_score"],
@@ -293,8 +329,30 @@ def load_splits(cfg) -> tuple:
     return train, val, test
 
 # %% ../nbs/07_training.ipynb #7ed5ce97
-def _one_thread() -> None:
+def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    "In a worker process: end it (at once, writing nothing more) when the process `parent_pid` that started it is gone."
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:  # reparented: the parent is gone
+                os._exit(1)
+    threading.Thread(target=watch, name="rsnn-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    "Initializer of `run_parallel`'s workers: one thread each, and they die with their parent."
     torch.set_num_threads(1)
+    _die_with_parent(parent_pid)
 
 
 def _importable(f) -> bool:
@@ -303,12 +361,12 @@ def _importable(f) -> bool:
 
 def run_parallel(jobs: list, workers: int = 1) -> list:
     "Run `jobs` = [(function, args), ...] in up to `workers` processes (one thread each); returns their results in order."
-    spawnable = _importable(_one_thread) and all(_importable(f) for f, _ in jobs)
+    spawnable = _importable(_worker_init) and all(_importable(f) for f, _ in jobs)
     if workers <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or not spawnable:
         return [f(*a) for f, a in jobs]
     import concurrent.futures as cf
     import multiprocessing as mp
     with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                initializer=_one_thread) as ex:
+                                initializer=_worker_init, initargs=(os.getpid(),)) as ex:
         futures = [ex.submit(f, *a) for f, a in jobs]
         return [fu.result() for fu in futures]  # a job's exception is raised here, with its traceback

@@ -131,7 +131,7 @@ def test_dataloader_compatible(exact):
 # ---------------------------------------------------------------- names, errors, roots
 
 def test_constants():
-    assert D.DATASETS == ("cifar10-exact", "cifar10-jpeg", "cifar10", "cifar100", "svhn")
+    assert D.DATASETS == ("cifar10-exact", "cifar10-jpeg", "cifar10", "cifar100", "svhn", "tinyimagenet")
     assert D.NORMALIZATION["cifar10"] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     assert D.NORMALIZATION["cifar100"] == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
     assert D.NORMALIZATION["svhn"] == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
