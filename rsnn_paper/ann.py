@@ -109,8 +109,9 @@ def _ann_job(cfg: Config, objective: str, root: str) -> str:
 
 def run_ann_section(cfg: Config, objectives: Sequence[str] = ("clean", "pgd_at"), store=None,
                     progress: bool = True) -> dict:
-    """Train or reuse the ANNs of `objectives`, evaluate them, and write `results/<scale>/ann.json`, the table
-    `figures/<scale>/ann_table.{md,csv}` and the figure `figures/<scale>/ann_learning_curves.png`."""
+    """Train or reuse the ANNs of `objectives`, evaluate them, and write `ann.json` into the run's `results_dir(cfg)`
+    (`results/<scale>/` for the preset, `results/<scale>+<overrides>/` or `--out` otherwise), the table
+    `ann_table.{md,csv}` and the figure `ann_learning_curves.png` into its `figures_dir(cfg)`."""
     store = store or ArtifactStore()
     splits = load_splits(cfg)  # first, here: decodes and caches the dataset once for every worker
     todo = [o for o in objectives if not store.exists(stage_key(cfg, "ann", objective=o))]
@@ -124,13 +125,13 @@ def run_ann_section(cfg: Config, objectives: Sequence[str] = ("clean", "pgd_at")
                         "history": meta["history"], **evaluate_model(model, cfg, splits[2], meta["key"], store, progress)}
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "config": cfg.to_dict(),
            "anns": results}
-    write_json(results_dir(cfg.scale) / "ann.json", out)
+    write_json(results_dir(cfg) / "ann.json", out)
     render_ann(out)
     summary = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset}
     for obj, r in results.items():
         for k in ("clean_acc", "pgd_acc_train_eps", "pgd_acc_test_eps"):
             summary[f"ann.{obj}.{k}"] = float(r[k])
-    update_summary(cfg.scale, summary)
+    update_summary(cfg, summary)
     return out
 
 
@@ -139,7 +140,7 @@ def render_ann(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg, results = config_from_dict(out["config"]), out["anns"]
     objectives = list(results)
-    fdir = figures_dir(cfg.scale)
+    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
     fdir.mkdir(parents=True, exist_ok=True)
     from rsnn_paper.metrics import format_acc
     table = pd.DataFrame([{"ANN objective": o, "clean": format_acc(r["clean_acc"], r["n"]),

@@ -5,16 +5,20 @@
 # %% ../nbs/30_cli.ipynb #9a037da8
 from __future__ import annotations
 import argparse
+import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import SCALES, get_config, parse_overrides
-from .store import ArtifactStore, figures_dir, results_dir
+from .store import (ArtifactStore, CheckpointMismatchError, UserError, artifacts_dir, figures_dir,
+                              project_root, read_json, results_dir, run_name)
 
 # %% auto #0
-__all__ = ['cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_render', 'cmd_bench',
-           'build_parser', 'main']
+__all__ = ['USER_ERRORS', 'cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_render',
+           'cmd_bench', 'cmd_compare', 'build_parser', 'main']
 
 # %% ../nbs/30_cli.ipynb #25cefd18
 def _sections():
@@ -31,11 +35,26 @@ def _sections():
                "attacks": run_attack_section, "baselines": run_baselines_section, "ablations": run_ablation_section,
                "ood": run_ood_section}
     out = [(name, lambda cfg, store, progress, f=f: f(cfg, store=store, progress=progress)) for name, f in runners.items()]
-    return out + [("paper", lambda cfg, store, progress: (render_all(cfg.scale), write_claims(cfg.scale)))]
+    return out + [("paper", lambda cfg, store, progress: (render_all(_paper_target(cfg)),
+                                                          write_claims(_paper_target(cfg))))]
+
+
+def _paper_target(cfg) -> str:
+    """What `paper.render_all` and `write_claims` take for this run: its folder name under `results/` and `figures/`
+    (the scale itself for the unmodified preset), or, with `--out`, that folder's absolute path."""
+    return str(Path(cfg.out_dir).resolve()) if cfg.out_dir is not None else run_name(cfg)
 
 
 def _config(args):
-    return get_config(args.scale, **parse_overrides(args.set))
+    cfg = get_config(args.scale, **parse_overrides(args.set))
+    if getattr(args, "out", None):
+        cfg = cfg.replace(out_dir=str(Path(args.out).expanduser().resolve()))
+    return cfg
+
+
+def _where(cfg) -> str:
+    r, f = results_dir(cfg), figures_dir(cfg)
+    return f"results in {r}" + ("" if f == r else f", tables and figures in {f}")
 
 
 def cmd_reproduce(args) -> int:
@@ -43,10 +62,12 @@ def cmd_reproduce(args) -> int:
     store = ArtifactStore()
     sections = _sections()
     names = [n for n, _ in sections]
-    chosen = args.sections.split(",") if args.sections else names
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()] if args.sections else names
     unknown = [s for s in chosen if s not in names]
     if unknown:
-        raise SystemExit(f"unknown section(s) {unknown}; known sections: {', '.join(names)}")
+        raise UserError(f"unknown section(s) {', '.join(map(repr, unknown))} in --sections; known sections: "
+                        f"{', '.join(names)}")
+    print(f"run {run_name(cfg)}: {_where(cfg)}", flush=True)
     t0 = time.time()
     for name, run in sections:
         if name in chosen:
@@ -54,9 +75,9 @@ def cmd_reproduce(args) -> int:
             print(f"== section {name} (scale {cfg.scale}) ==", flush=True)
             run(cfg, store, not args.quiet)
             print(f"== section {name} done in {time.time() - t:.0f}s", flush=True)
-    print(f"reproduce --scale {cfg.scale} finished in {time.time() - t0:.0f}s")
-    print(f"results: {results_dir(cfg.scale)}")
-    print(f"tables and figures: {figures_dir(cfg.scale)}")
+    print(f"reproduce --scale {cfg.scale} (run {run_name(cfg)}) finished in {time.time() - t0:.0f}s")
+    print(f"results: {results_dir(cfg)}")
+    print(f"tables and figures: {figures_dir(cfg)}")
     print(f"artifacts (checkpoints): {store.root}")
     return 0
 
@@ -120,12 +141,15 @@ def cmd_evaluate(args) -> int:
 
 def cmd_render(args) -> int:
     from rsnn_paper.paper import render_all, write_claims
-    paths = render_all(args.scale)
-    claims = write_claims(args.scale)
-    print(f"rendered {len(paths)} tables and figures into {figures_dir(args.scale)}")
+    cfg = _config(args)
+    if args.readme and (cfg.out_dir is not None or run_name(cfg) != cfg.scale):
+        raise UserError("--readme pastes the committed preset's tables into README.md; drop --set/--out to use it")
+    paths = render_all(_paper_target(cfg))
+    claims = write_claims(_paper_target(cfg))
+    print(f"rendered {len(paths)} tables and figures into {figures_dir(cfg)}")
     if args.readme:
         from rsnn_paper.paper import update_readme
-        print("README.md updated" if update_readme(args.scale) else "README.md already up to date")
+        print("README.md updated" if update_readme(cfg.scale) else "README.md already up to date")
     for c in claims:
         print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['claim']}")
     return 0
@@ -135,28 +159,80 @@ def cmd_bench(args) -> int:
     from rsnn_paper import bench
     return bench.main(["--quick"] if args.quick else []) or 0
 
+
+def _committed_summary(ref: str, scale: str) -> tuple[dict, str]:
+    "The summary.json of `scale` at git revision `ref` (or in the file `ref`), and where it came from."
+    if Path(ref).is_file():
+        return read_json(ref), ref
+    rel = f"results/{scale}/summary.json"
+    try:
+        git = subprocess.run(["git", "-C", str(project_root()), "show", f"{ref}:{rel}"], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("compare reads the committed summary with git, which is not installed; pass --against FILE")
+    if git.returncode != 0:
+        raise UserError(f"cannot read {ref}:{rel} from git ({' '.join(git.stderr.split())}); pass --against with a "
+                        f"commit (or a file) that holds it")
+    try:
+        return json.loads(git.stdout), f"{ref}:{rel}"
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ref}:{rel} is not valid JSON ({e})")
+
+
+def cmd_compare(args) -> int:
+    "Print, key by key, how far the run's summary.json is from the committed one; exit 1 if a committed key is gone."
+    from rsnn_paper.store import compare_summaries, format_comparison
+    cfg = _config(args)
+    new_path = results_dir(cfg) / "summary.json"
+    new = read_json(new_path)
+    old, source = _committed_summary(args.against, cfg.scale)
+    rows = compare_summaries(old, new)
+    print(f"summary.json: committed {source} vs new {new_path}")
+    print("\n".join(format_comparison(rows)), flush=True)
+    gone = [r["key"] for r in rows if r["status"] == "removed"]
+    if gone:
+        print(f"rsnn-paper: error: {len(gone)} key(s) of the committed summary are missing from {new_path}: "
+              f"{', '.join(gone)}", file=sys.stderr)
+        return 1
+    return 0
+
 # %% ../nbs/30_cli.ipynb #0f2f54a7
+class _Parser(argparse.ArgumentParser):
+    "argparse, but a usage error is a `UserError` (one line, exit code 2, from `main`) instead of usage + exit."
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rsnn-paper", description=(
+    p = _Parser(prog="rsnn-paper", description=(
         "Reproduce 'Adversarially Robust Spiking Neural Networks Through Conversion' (Özdenizci & Legenstein, "
         "TMLR 2024). Every command takes --scale (a preset) and --set key=value overrides."))
+    debug_help = "on an error, show the traceback instead of one line"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
+    def run_args(sp):  # which run: a preset, its overrides, where it writes
         sp.add_argument("--scale", default="ci", choices=list(SCALES),
                         help="preset: ci (CI on 2 CPU cores), cpu (~2 h on 2 cores), paper (the paper's settings, GPU)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a configuration field, e.g. --set ann_epochs=10 --set eps_test=8/255")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--out", metavar="DIR", help="write this run's results, tables and figures into DIR (default: "
+                        "results/<run>/ and figures/<run>/, where <run> is the scale, followed by the overrides if any)")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        return sp
+
+    def common(sp):
+        run_args(sp)
+        sp.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch instead)")
         return sp
 
     r = common(sub.add_parser("reproduce", help="regenerate every section's results, tables and figures, in order"))
     r.add_argument("--sections", help="comma-separated subset of sections (default: all)")
     r.set_defaults(func=cmd_reproduce)
     for name, func, helptext in (
-            ("train-ann", cmd_train_ann, "train (or reuse) a robust ANN (method.md §3)"),
-            ("convert", cmd_convert, "convert an ANN into an SNN: thresholds and BN statistics (method.md §4)"),
-            ("finetune", cmd_finetune, "robust finetuning of the converted SNN (method.md §5)")):
+            ("train-ann", cmd_train_ann, "train (or reuse) a robust ANN (§1, nbs/10_ann_training.ipynb)"),
+            ("convert", cmd_convert, "convert an ANN into an SNN: thresholds and BN statistics (§2, nbs/11_conversion.ipynb)"),
+            ("finetune", cmd_finetune, "robust finetuning of the converted SNN (§3, nbs/12_finetuning.ipynb)")):
         sp = common(sub.add_parser(name, help=helptext, description=helptext))
         sp.add_argument("--objective", default="pgd_at", choices=("clean", "pgd_at", "trades", "mart"),
                         help="the ANN's training objective")
@@ -168,21 +244,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stage", default="finetuned", choices=("ann", "converted", "finetuned"))
     e.add_argument("--objective", default="pgd_at", choices=("clean", "pgd_at", "trades", "mart"))
     e.set_defaults(func=cmd_evaluate)
-    rd = sub.add_parser("render", help="re-render every table and figure and the claims from results/<scale>/ alone")
-    rd.add_argument("--scale", default="ci", choices=list(SCALES))
+    rd = run_args(sub.add_parser("render", help="re-render every table and figure and the claims from a run's "
+                                 "results files alone (results/<scale>/ for the preset)"))
     rd.add_argument("--readme", action="store_true", help="also put the main and claims tables into README.md")
     rd.set_defaults(func=cmd_render)
     b = sub.add_parser("bench", help="speed and memory of the spiking time loop (prints ratios; asserts nothing)")
     b.add_argument("--quick", action="store_true", help="width 1/8 only")
+    b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     b.set_defaults(func=cmd_bench)
+    c = run_args(sub.add_parser("compare", help="print, key by key, how far a run's summary.json is from the "
+                                "committed one (exit 1 if a committed key is missing)"))
+    c.add_argument("--against", default="HEAD", metavar="REF",
+                   help="git revision holding the committed results/<scale>/summary.json, or a summary.json file")
+    c.set_defaults(func=cmd_compare)
     return p
 
 
+#: What `main` reports in one line: user errors (a bad key, value, section or scale; a missing or corrupt dataset,
+#: results file or checkpoint — `DatasetNotFoundError` and `MissingResultError` are `FileNotFoundError`s,
+#: `CorruptArtifactError` and `CheckpointMismatchError` are `UserError`s).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, CheckpointMismatchError) and "delete" not in msg.lower():
+        msg += (f"; delete that artifact's files from {artifacts_dir()} (or rerun its step with --force, which moves "
+                f"them aside) to rebuild it")
+    return msg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    "Entry point of the `rsnn-paper` console script."
-    args = build_parser().parse_args(argv)
+    """Entry point of the `rsnn-paper` console script. A user error ends it with one line `rsnn-paper: error: …` on
+    stderr and exit code 2 (with `--debug`: the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"rsnn-paper: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        print(f"rsnn-paper: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 2

@@ -28,7 +28,7 @@ FT_OBJECTIVES = ("none", "at", "kl_ce")
 
 def finetune(snn: SpikingNet, cfg: Config, train, val, store: Optional[ArtifactStore] = None,
              key: Optional[str] = None, progress: bool = True) -> dict:
-    """Finetune `snn` in place under `cfg` (method.md §5); returns `fit`'s record (history, best epoch, time).
+    """Finetune `snn` in place under `cfg` (§3); returns `fit`'s record (history, best epoch, time).
     The epoch is selected on the validation split by PGD accuracy at ε_train."""
     if cfg.ft_objective not in FT_OBJECTIVES:
         raise ValueError(f"unknown finetuning objective {cfg.ft_objective!r}; known: {', '.join(FT_OBJECTIVES)}")
@@ -75,8 +75,8 @@ def build_finetuned(cfg: Config, converted: SpikingNet, conv_key: str, train, va
 # %% ../nbs/12_finetuning.ipynb #7e571e83
 def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Finetune the SNNs converted from the PGD-AT and the clean ANN with the configured objective, evaluate them
-    (clean, PGD by BPTT with the triangle at ε_train and ε_test), write `results/<scale>/finetune.json`,
-    the table and the figures."""
+    (clean, PGD by BPTT with the triangle at ε_train and ε_test), write `finetune.json`
+    into the run's `results_dir(cfg)`, the table and the figures into its `figures_dir(cfg)`."""
     from rsnn_paper.ann import build_ann, evaluate_model, write_table
     from rsnn_paper.conversion import build_converted
     from rsnn_paper.training import load_splits
@@ -92,10 +92,10 @@ def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict
                     "thresholds": meta["thresholds"], **evaluate_model(snn, cfg, test, meta["key"], store, progress)}
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
            "objective": cfg.ft_objective, "config": cfg.to_dict(), "snns": res}
-    write_json(results_dir(cfg.scale) / "finetune.json", out)
+    write_json(results_dir(cfg) / "finetune.json", out)
     render_finetune(out)
     r = res["pgd_at"]
-    update_summary(cfg.scale, {
+    update_summary(cfg, {
         "snn.finetuned.clean_acc": float(r["clean_acc"]),
         "snn.finetuned.pgd_acc_train_eps": float(r["pgd_acc_train_eps"]),
         "snn.finetuned.pgd_acc_test_eps": float(r["pgd_acc_test_eps"]),
@@ -111,7 +111,7 @@ def render_finetune(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
-    fdir = figures_dir(cfg.scale)
+    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["snns"]["pgd_at"]
     threshold_bars({"after conversion": r["thresholds_before"], "after finetuning": r["thresholds"]},

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .config import Config, config_hash, get_config
-from .store import ArtifactStore, cached_json, figures_dir, results_dir, update_summary, write_json
+from .store import ArtifactStore, cached_json, figures_dir, results_dir, run_of, update_summary, write_json
 from .training import accuracy, resolve_device
 
 # %% auto #0
@@ -46,7 +46,8 @@ def ood_models(cfg: Config, store: ArtifactStore, splits, progress: bool = False
 # %% ../nbs/16_ood.ipynb #1f3d0bcd
 def run_ood_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Accuracy of every model of `OOD_MODELS` on `cfg.n_ood` test images under each corruption family and severity
-    (`cfg.ood_severities`); writes `results/<scale>/ood.json`, the table and the figure, and `ood.*` summary keys."""
+    (`cfg.ood_severities`); writes `ood.json` and `ood.*` summary keys
+    into the run's `results_dir(cfg)`, the table and the figure into its `figures_dir(cfg)`."""
     from rsnn_paper.attack_section import eval_images
     from rsnn_paper.corruptions import APPROXIMATIONS, CORRUPTIONS, corrupted_dataset
     from rsnn_paper.data import stratified_indices
@@ -82,9 +83,9 @@ def run_ood_section(cfg: Config, store=None, progress: bool = True) -> dict:
            "T": cfg.T, "severities": sev, "config": cfg.to_dict(), "models": OOD_MODELS,
            "keys": {k: key for k, (_, key) in models.items()}, "clean_acc": clean, "corrupted": corrupted,
            "source": sources, "approximations": APPROXIMATIONS}
-    write_json(results_dir(cfg.scale) / "ood.json", out)
-    update_summary(cfg.scale, {"ood.n_images": len(test)} | {f"ood.{k}.clean_acc": clean[k] for k in models}
-                   | {f"ood.{k}.mean_corrupted_acc": mean_corrupted(out, k) for k in models})
+    write_json(results_dir(cfg) / "ood.json", out)
+    update_summary(cfg, {"ood.n_images": len(test)} | {f"ood.{k}.clean_acc": clean[k] for k in models}
+              | {f"ood.{k}.mean_corrupted_acc": mean_corrupted(out, k) for k in models})
     render_ood(out)
     return out
 
@@ -99,7 +100,7 @@ def render_ood(out: dict) -> list:
     (`ood_by_severity.csv`), and the per-family figure; returns the paths."""
     from rsnn_paper.ann import write_table
     scale, n = out["scale"], out["n_images"]
-    fdir = figures_dir(scale)
+    fdir = figures_dir(run_of(out))  # the run's folder, from the config the results record
     fdir.mkdir(parents=True, exist_ok=True)
     fams = list(next(iter(out["corrupted"].values())))
     rows = []

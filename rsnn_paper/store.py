@@ -4,23 +4,27 @@
 
 # %% ../nbs/06_store.ipynb #ca337e84
 from __future__ import annotations
+import hashlib
 import json
 import math
+import re
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 import rsnn_paper
+from .config import OUTPUT_FIELDS, SCALES, Config, config_from_dict, get_config
 
 # %% auto #0
-__all__ = ['project_root', 'artifacts_dir', 'results_dir', 'figures_dir', 'write_json', 'read_json', 'save_torch',
-           'CorruptArtifactError', 'load_torch', 'ArtifactStore', 'CheckpointMismatchError', 'load_into', 'cached_json',
-           'update_summary']
+__all__ = ['RunTarget', 'project_root', 'artifacts_dir', 'UserError', 'run_name', 'results_dir', 'figures_dir', 'run_of',
+           'write_json', 'read_json', 'save_torch', 'CorruptArtifactError', 'load_torch', 'ArtifactStore',
+           'CheckpointMismatchError', 'load_into', 'cached_json', 'update_summary', 'compare_summaries',
+           'format_comparison']
 
 # %% ../nbs/06_store.ipynb #4c1d1792
 def project_root() -> Path:
@@ -39,14 +43,73 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("RSNN_ARTIFACTS") or project_root() / "artifacts")
 
 
-def results_dir(scale: str) -> Path:
-    "Where the JSON results of a scale go: `<project>/results/<scale>`."
-    return project_root() / "results" / scale
+class UserError(Exception):
+    "An error the user can fix: its message names the file or key at fault and what to do (the CLI prints it in one line)."
 
 
-def figures_dir(scale: str) -> Path:
-    "Where the tables and figures of a scale go: `<project>/figures/<scale>`."
-    return project_root() / "figures" / scale
+def _slug(v) -> tuple[str, bool]:
+    "A filesystem-safe text for a field value, and whether it is exact (a float shown with fewer digits is not)."
+    if isinstance(v, (tuple, list)):
+        parts = [_slug(x) for x in v]
+        return ",".join(p for p, _ in parts) or "empty", all(ok for _, ok in parts)
+    if v is None or isinstance(v, bool):
+        return str(v).lower(), True
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+        if float(text) != v and abs(v * 255 - round(v * 255)) < 1e-9 and round(v * 255) / 255 == v:
+            return f"{round(v * 255)}_255", True  # 8/255 -> 8_255
+        return text, float(text) == v
+    text = str(v)
+    safe = re.sub(r"[^A-Za-z0-9._,-]", "_", text)
+    return safe, safe == text
+
+
+def run_name(cfg: Config) -> str:
+    """The folder name of a run: its scale for the preset as committed (`cfg == get_config(cfg.scale)`), else the scale
+    and every field that differs from the preset, in `Config` order, e.g. `ci+seed=1+ann_epochs=2`: readable,
+    filesystem-safe, deterministic. A name over 80 characters, or one that rounds a value (`eps_test=0.0313726`), ends
+    in a hash of the exact values (`+h1a2b3c4d`). `OUTPUT_FIELDS` (`out_dir`) play no part."""
+    base = get_config(cfg.scale) if cfg.scale in SCALES else Config(scale=cfg.scale)
+    scale, _ = _slug(cfg.scale)
+    diff = [(f, getattr(cfg, f)) for f in cfg.__dataclass_fields__
+            if f != "scale" and f not in OUTPUT_FIELDS and getattr(cfg, f) != getattr(base, f)]
+    if not diff:
+        return scale
+    parts = [(k, *_slug(v)) for k, v in diff]
+    name = "+".join([scale] + [f"{k}={text}" for k, text, _ in parts])
+    if len(name) > 80 or not all(ok for *_, ok in parts):
+        exact = hashlib.sha256(json.dumps([cfg.scale, diff], default=str).encode()).hexdigest()[:8]
+        name = f"{name[:64].rstrip('+=,._-')}+h{exact}"
+    return name
+
+
+RunTarget = Union[str, Config]
+
+
+def _run_folder(kind: str, target: RunTarget) -> Path:
+    if isinstance(target, Config):
+        if target.out_dir is not None:
+            return Path(target.out_dir)
+        target = run_name(target)
+    path = Path(target)
+    return path if path.is_absolute() else project_root() / kind / path
+
+
+def results_dir(target: RunTarget) -> Path:
+    """Where the JSON results of a run go. `target` is a `Config` (the run's folder: `results/<run_name(cfg)>`, which
+    is `results/<scale>` for the unmodified preset, or its `out_dir`), or a string: a scale or run name
+    (`results/<string>`), or an absolute path (that folder itself)."""
+    return _run_folder("results", target)
+
+
+def figures_dir(target: RunTarget) -> Path:
+    "Where the tables and figures of a run go: `figures/<run>` (or the run's `out_dir`); `target` as in `results_dir`."
+    return _run_folder("figures", target)
+
+
+def run_of(out: dict) -> RunTarget:
+    "The run a results file's content belongs to (its recorded `config`, else its `scale`), for `figures_dir`."
+    return config_from_dict(out["config"]) if isinstance(out.get("config"), dict) else out["scale"]
 
 # %% ../nbs/06_store.ipynb #a0371008
 def _atomic_write(path: Path, write) -> Path:
@@ -105,7 +168,7 @@ def save_torch(path, obj) -> Path:
     return _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
-class CorruptArtifactError(RuntimeError):
+class CorruptArtifactError(UserError, RuntimeError):
     "An artifact or results file exists but cannot be read."
 
 
@@ -160,7 +223,7 @@ class ArtifactStore:
                 p.rename(p.with_name(f"{p.name}.corrupt-{stamp}"))
 
 # %% ../nbs/06_store.ipynb #3041831c
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     "A checkpoint does not fit the model it is loaded into."
 
 
@@ -198,11 +261,44 @@ def cached_json(store: ArtifactStore, key: str, compute: Callable[[], dict], for
     return value
 
 
-def update_summary(scale: str, values: dict) -> dict:
-    "Merge `values` (flat `dotted.key -> number/str`) into `results/<scale>/summary.json`; returns the summary."
-    path = results_dir(scale) / "summary.json"
+def update_summary(target: RunTarget, values: dict) -> dict:
+    """Merge `values` (flat `dotted.key -> number/str`) into the run's `summary.json` (`target`: a `Config`, or a scale
+    or run name, as in `results_dir`); returns the summary."""
+    path = results_dir(target) / "summary.json"
     summary = read_json(path) if path.is_file() else {}
     summary.update(_jsonable(values))
     summary = dict(sorted(summary.items()))
     write_json(path, summary)
     return summary
+
+# %% ../nbs/06_store.ipynb #8e3f5a21
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def compare_summaries(old: dict, new: dict) -> list[dict]:
+    """Key by key (sorted), `{key, old, new, diff, status}`: `status` is "same", "changed", "added" or "removed";
+    `diff` is |new − old| when both are numbers, else None."""
+    rows = []
+    for k in sorted(set(old) | set(new)):
+        o, n = old.get(k), new.get(k)
+        status = "removed" if k not in new else "added" if k not in old else "same" if o == n else "changed"
+        diff = abs(float(n) - float(o)) if status in ("same", "changed") and _number(o) and _number(n) else None
+        rows.append({"key": k, "old": o, "new": n, "diff": diff, "status": status})
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> list[str]:
+    "`compare_summaries`' rows as aligned text lines (key, committed, new, |difference|, status), then a one-line tally."
+    show = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    table = [("key", "committed", "new", "|diff|", "")] + [
+        (r["key"], "-" if r["status"] == "added" else show(r["old"]), "-" if r["status"] == "removed" else show(r["new"]),
+         show(r["diff"]), "" if r["status"] == "same" else r["status"]) for r in rows]
+    w = [max(len(t[i]) for t in table) for i in range(4)]
+    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}  {e}".rstrip() for a, b, c, d, e in table]
+    count = {s: sum(r["status"] == s for r in rows) for s in ("same", "changed", "added", "removed")}
+    diffs = [r for r in rows if r["diff"] is not None]
+    worst = max(diffs, key=lambda r: r["diff"]) if diffs else None
+    lines.append(f"{len(rows)} keys: {count['same']} same, {count['changed']} changed, {count['added']} added, "
+                 f"{count['removed']} removed" + (f"; largest |diff| {worst['diff']:.4f} ({worst['key']})" if worst else ""))
+    return lines
