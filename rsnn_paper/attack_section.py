@@ -4,18 +4,17 @@
 
 # %% ../nbs/13_attack_ensemble.ipynb #295e32ed
 from __future__ import annotations
-import os
-from typing import Optional
 
-import torch
 
-from .attacks import ensemble_table, evaluate_attack, run_ensemble, table_markdown
-from .config import Config, config_hash, get_config
-from .store import ArtifactStore, cached_json, figures_dir, results_dir, update_summary, write_json
+from .attacks import ensemble_table, table_markdown
+from .config import Config
+from .evaluation import (blackbox, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
+                                   strong_curve, strong_stages, whitebox)
+from .store import ArtifactStore, figures_dir, results_dir, update_summary, write_json
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
 
 # %% auto #0
-__all__ = ['section_models', 'eval_images', 'whitebox', 'pgd_curve', 'blackbox', 'run_attack_section', 'render_attacks']
+__all__ = ['section_models', 'evaluate_protocols', 'run_attack_section', 'render_attacks']
 
 # %% ../nbs/13_attack_ensemble.ipynb #618ecfb6
 import matplotlib.pyplot as plt
@@ -39,111 +38,84 @@ def section_models(cfg: Config, store: ArtifactStore, progress: bool = False, sp
     return out
 
 
-def eval_images(cfg: Config, test) -> tuple[torch.Tensor, torch.Tensor]:
-    "A stratified subset of `cfg.n_eval` test images (all of them when None), as tensors in [0,1]."
-    from rsnn_paper.data import stratified_indices
-    if cfg.n_eval is not None and cfg.n_eval < len(test):
-        test = test.subset(stratified_indices(test.targets, cfg.n_eval, seed=cfg.seed))
-    return test.images.float() / 255, test.targets.clone()
-
 # %% ../nbs/13_attack_ensemble.ipynb #16a2efb1
-def _attack_kwargs(cfg: Config, attack: str) -> dict:
-    if attack == "pgd":
-        return {"steps": cfg.eval_pgd_steps}
-    if attack.startswith("apgd"):
-        return {"steps": cfg.apgd_steps}
-    if attack == "square":
-        return {"n_queries": cfg.square_queries}
-    return {}
-
-
-def whitebox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,
-             mode: str = "full", sanity: bool = False, progress: bool = False) -> dict:
-    """A cached, resumable `run_ensemble` of `attack` at `eps` against artifact `key`. The model-level sanity checks
-    (determinism, eps = 1, more steps, all-zero gradients per source) are the same for every attack on a model, so the
-    section runs them with its PGD ensemble (`sanity=True`) and reports them once."""
-    kw = _attack_kwargs(cfg, attack)
-    tag = config_hash([key, attack, eps, [s.name for s in sources], mode, sanity, cfg.seed, len(y), cfg.test_dataset, kw])
-    state = store.root / f"ensemble-state-{tag}.pt"
-    return cached_json(store, f"ensemble-{tag}", lambda: run_ensemble(
-        model, x, y, attack, eps, sources=sources, generator=torch.Generator().manual_seed(cfg.seed),
-        batch_size=cfg.eval_batch_size, state_path=state, progress=progress, mode=mode, sanity=sanity, **kw))
-
-
-def pgd_curve(model, key: str, x, y, cfg: Config, store: ArtifactStore, at_eps_test: dict, sources=GRADIENT_SOURCES,
-              progress: bool = False) -> dict:
-    """Robust accuracy of artifact `key` under the PGD ensemble at every ε of `cfg.eps_curve`, as {f"{ε:.6f}": acc}.
-    ε = 0 is the clean accuracy and ε_test is `at_eps_test` (the section's full PGD record); every other ε runs the
-    ensemble in cascade mode (each source attacks only the images no earlier source broke: the same per-image worst
-    case, for less work)."""
-    def point(e: float) -> float:
-        if e == 0:
-            return float(at_eps_test["clean_acc"])
-        if abs(e - cfg.eps_test) < 1e-12:
-            return float(at_eps_test["ensemble_acc"])
-        return float(whitebox(model, key, x, y, "pgd", e, cfg, store, sources=sources,
-                              mode="full" if len(sources) == 1 else "cascade", progress=progress)["ensemble_acc"])
-    return {f"{e:.6f}": point(float(e)) for e in cfg.eps_curve}
-
-
-def blackbox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store: ArtifactStore, source=None,
-             progress: bool = False) -> dict:
-    "A cached Square attack on `model`, or a transfer attack (PGD crafted on `source=(model, key)`)."
-    kw = _attack_kwargs(cfg, attack)
-    src_key = None if source is None else source[1]
-    tag = config_hash([key, src_key, attack, eps, cfg.seed, len(y), cfg.test_dataset, kw])
-    return cached_json(store, f"blackbox-{tag}", lambda: evaluate_attack(
-        model, x, y, attack, eps, source_model=None if source is None else source[0],
-        generator=torch.Generator().manual_seed(cfg.seed), batch_size=cfg.eval_batch_size, progress=progress, **kw))
+def evaluate_protocols(model, key: str, x, y, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,
+                       attacks=("fgsm", "pgd", "apgd-ce"), progress: bool = False) -> tuple[dict, dict]:
+    """The paper protocol's `attacks` (full mode, sanity checks with PGD) and the strong protocol at ε_test, started
+    from the images the paper protocol broke: `(paper, strong)`."""
+    print(f"[{key[:24]}] paper protocol ({', '.join(attacks)}) over {len(sources)} source(s), ε={cfg.eps_test * 255:g}/255",
+          flush=True)
+    paper = {a: whitebox(model, key, x, y, a, cfg.eps_test, cfg, store, sources=sources, sanity=a == "pgd",
+                         progress=progress) for a in attacks}
+    return paper, strong(model, key, x, y, cfg.eps_test, cfg, store, sources=sources, prior=list(paper.values()),
+                         progress=progress)
 
 # %% ../nbs/13_attack_ensemble.ipynb #d3f1c5ee
 def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
-    """FGSM, PGD and APGD-CE ensembles on the finetuned SNN at ε_test (and PGD/APGD on its ANN), the accuracy-vs-ε
-    curve, Square and transfer attacks; writes `results/<scale>/attacks.json`, the per-source table, the black-box
-    table and the figure, and the `eval.*` keys of summary.json."""
+    """Both protocols on the finetuned SNN at ε_test (and on its ANN), the strong protocol with the single strongest
+    source, the robustness-vs-ε curves and the ε_train numbers of the transfer claim (strong protocol), Square and
+    transfer attacks; writes `results/<run>/attacks.json`, the tables and the figure, and the `eval.*` summary keys."""
     store = store or ArtifactStore()
     M = section_models(cfg, store, progress)
     x, y = eval_images(cfg, M["test"])
     snn, ann, other = M["snn_pgd_at"], M["ann_pgd_at"], M["snn_clean"]
-    eps = cfg.eps_test
-    wb = {a: whitebox(*snn, x, y, a, eps, cfg, store, sanity=a == "pgd", progress=progress)
-          for a in ("fgsm", "pgd", "apgd-ce")}
-    ann_wb = {a: whitebox(*ann, x, y, a, eps, cfg, store, sources=(DEFAULT_SOURCE,), sanity=a == "pgd",
-                          progress=progress) for a in ("pgd", "apgd-ce")}
-    curve = pgd_curve(*snn, x, y, cfg, store, wb["pgd"], progress=progress)
-    ann_curve = pgd_curve(*ann, x, y, cfg, store, ann_wb["pgd"], sources=(DEFAULT_SOURCE,))
+    eps, ann_src = cfg.eps_test, (DEFAULT_SOURCE,)
+    wb, st = evaluate_protocols(*snn, x, y, cfg, store, progress=progress)
+    best = wb["pgd"]["best_single_source"]
+    st_single = strong(*snn, x, y, eps, cfg, store, sources=(best,),
+                       prior=single_source_prior(list(wb.values()), best), progress=progress)
+    ann_wb, ann_st = evaluate_protocols(*ann, x, y, cfg, store, sources=ann_src, progress=progress)
+    curve = strong_curve(*snn, x, y, cfg, store, st, progress=progress)
+    ann_curve = strong_curve(*ann, x, y, cfg, store, ann_st, sources=ann_src, progress=progress)
+    at_train = {name: strong(*M[name], x, y, cfg.eps_train, cfg, store, sources=GRADIENT_SOURCES if name.startswith(
+        "snn") else ann_src, progress=progress) for name in ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")}
+    print(f"black-box: Square ({cfg.square_queries} queries) and transfer attacks", flush=True)
     bb = {"square_snn": blackbox(*snn, x, y, "square", eps, cfg, store, progress=progress),
           "square_ann": blackbox(*ann, x, y, "square", eps, cfg, store, progress=progress),
           "transfer_from_ann": blackbox(*snn, x, y, "pgd", eps, cfg, store, source=ann, progress=progress),
           "transfer_from_other_snn": blackbox(*snn, x, y, "pgd", eps, cfg, store, source=other, progress=progress)}
-    warnings = [w for r in (*wb.values(), *ann_wb.values()) for w in r.get("warnings", [])]
-    strongest_wb = min(r["ensemble_acc"] for r in wb.values())
+    warnings = [w for r in (*wb.values(), *ann_wb.values(), st, ann_st) for w in r.get("warnings", [])]
     for name in ("square_snn", "transfer_from_ann", "transfer_from_other_snn"):
-        if bb[name]["robust_acc"] < strongest_wb:
-            warnings.append(f"{name} ({bb[name]['robust_acc']:.3f}) is stronger than the white-box ensemble "
-                            f"({strongest_wb:.3f}): the white-box evaluation is unreliable")
+        if bb[name]["robust_acc"] < st["whitebox_acc"]:
+            warnings.append(f"{name} ({bb[name]['robust_acc']:.3f}) is stronger than the white-box attacks of the strong "
+                            f"protocol ({st['whitebox_acc']:.3f}): the white-box evaluation is unreliable")
+    slim = lambda r: {k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")}
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "n_images": len(y),
-           "eps": eps, "T": cfg.T, "config": cfg.to_dict(), "snn_key": snn[1], "ann_key": ann[1],
-           "whitebox": wb, "ann_whitebox": ann_wb, "sanity_checks": wb["pgd"].get("checks", {}), "eps_curve": {"snn_pgd_ensemble": curve, "ann_pgd": ann_curve},
+           "eps": eps, "eps_train": cfg.eps_train, "T": cfg.T, "config": cfg.to_dict(), "snn_key": snn[1],
+           "ann_key": ann[1], "protocol": "strong",
+           "protocols": {"paper": [s.label for s in paper_stages(cfg)],
+                         "strong": [s.label for s in strong_stages(cfg, snn[0].num_classes)],
+                         "convergence": [s.label for s in convergence_stages(cfg)]},
+           "whitebox": wb, "ann_whitebox": ann_wb, "strong": st, "ann_strong": ann_st,
+           "strong_single_source": {**slim(st_single), "source": best},
+           "sanity_checks": wb["pgd"].get("checks", {}),
+           "eps_curve": {"snn_strong": curve, "ann_strong": ann_curve},
+           "at_eps_train": {k: slim(v) for k, v in at_train.items()},
            "blackbox": {k: {kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")} for k, v in bb.items()},
-           "warnings": warnings, "reliable": not warnings}
-    write_json(results_dir(cfg.scale) / "attacks.json", out)
+           "converged": bool(st["converged"] and ann_st["converged"]), "warnings": warnings, "reliable": not warnings}
+    write_json(results_dir(cfg) / "attacks.json", out)
     render_attacks(out)
     r = wb["pgd"]
-    update_summary(cfg.scale, {
+    update_summary(cfg, {
         "eval.n_images": len(y),
+        "eval.protocol": "strong",
         "eval.snn.finetuned.clean_acc": wb["pgd"]["clean_acc"],
         "eval.snn.finetuned.fgsm.ensemble_acc": wb["fgsm"]["ensemble_acc"],
         "eval.snn.finetuned.pgd.ensemble_acc": r["ensemble_acc"],
         "eval.snn.finetuned.pgd.best_single_acc": r["best_single_acc"],
         "eval.snn.finetuned.pgd.best_single_source": r["best_single_source"],
         "eval.snn.finetuned.apgd.ensemble_acc": wb["apgd-ce"]["ensemble_acc"],
+        "eval.snn.finetuned.strong.robust_acc": st["robust_acc"],
+        "eval.snn.finetuned.strong.whitebox_acc": st["whitebox_acc"],
+        "eval.snn.finetuned.strong.converged": st["converged"],
+        "eval.snn.finetuned.strong.single_source_acc": st_single["robust_acc"],
         "eval.snn.finetuned.square_acc": bb["square_snn"]["robust_acc"],
         "eval.snn.finetuned.transfer_from_ann_acc": bb["transfer_from_ann"]["robust_acc"],
         "eval.snn.finetuned.transfer_from_other_snn_acc": bb["transfer_from_other_snn"]["robust_acc"],
         "eval.ann.pgd_at.clean_acc": ann_wb["pgd"]["clean_acc"],
         "eval.ann.pgd_at.pgd_acc": ann_wb["pgd"]["ensemble_acc"],
         "eval.ann.pgd_at.apgd_acc": ann_wb["apgd-ce"]["ensemble_acc"],
+        "eval.ann.pgd_at.strong.robust_acc": ann_st["robust_acc"],
         "eval.ann.pgd_at.square_acc": bb["square_ann"]["robust_acc"],
         "eval.reliable": not warnings})
     return out
@@ -152,34 +124,50 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
 def render_attacks(out: dict) -> None:
     "Write the section's tables and figures from `attacks.json`'s content alone."
     from rsnn_paper.config import config_from_dict
-    cfg = config_from_dict(out["config"])
     from rsnn_paper.store import _atomic_write
-    fdir = figures_dir(cfg.scale)
+    from rsnn_paper.metrics import format_acc
+    from rsnn_paper.ann import write_table
+    cfg = config_from_dict(out["config"])
+    from rsnn_paper.store import run_of
+    fdir = figures_dir(run_of(out))
     fdir.mkdir(parents=True, exist_ok=True)
+    n = out["n_images"]
     df = ensemble_table(list(out["whitebox"].values()))
-    head = (f"**Individual gradient sources vs the ensemble** — robust accuracy (%) of the finetuned SNN (T={cfg.T}, "
-            f"scale {cfg.scale}, {out['n_images']} {cfg.test_dataset} test images, ε={cfg.eps_test * 255:g}/255; "
-            f"PGD-{cfg.eval_pgd_steps}, APGD-CE-{cfg.apgd_steps})\n\n")
+    head = (f"**Individual gradient sources vs the ensemble (paper protocol)** — robust accuracy (%) of the finetuned "
+            f"SNN (T={cfg.T}, scale {cfg.scale}, {n} {cfg.test_dataset} test images, ε={cfg.eps_test * 255:g}/255; "
+            f"PGD-{cfg.eval_pgd_steps}, APGD-CE-{cfg.apgd_steps}, best-iterate success)\n\n")
     _atomic_write(fdir / "attack_sources_table.md", lambda f: f.write((head + table_markdown(df) + "\n").encode()))
     _atomic_write(fdir / "attack_sources_table.csv", lambda f: f.write(df.to_csv().encode()))
+    rows = []
+    for model, rec in (("SNN", out["strong"]), ("ANN", out["ann_strong"])):
+        for s in rec["per_stage"]:
+            rows.append({"model": model, "stage": s["stage"], "images attacked": s["attacked"],
+                         "images broken": s["broken"], "robust accuracy after it": format_acc(s["robust_acc"], n),
+                         "time (s)": round(s.get("elapsed_s", 0.0), 1)})
+        c = rec["convergence"]
+        rows.append({"model": model, "stage": f"= strong protocol ({'converged' if rec['converged'] else 'NOT converged'}"
+                     f": the check round broke {c['newly_broken']} more, sources {', '.join(c['sources'])})",
+                     "images attacked": "", "images broken": "", "robust accuracy after it":
+                     format_acc(rec["robust_acc"], n), "time (s)": round(rec.get("elapsed_s", 0.0), 1)})
+    write_table(pd.DataFrame(rows), fdir / "attack_strong_table",
+                f"The strong protocol stage by stage, in cascade (scale {cfg.scale}, n={n}, ε={cfg.eps_test * 255:g}/255; "
+                f"the SNN over {len(out['strong']['sources'])} gradient sources, the ANN over one; 95% Wilson intervals)")
     bb = out["blackbox"]
-    rows = [("SNN", "PGD ensemble (white-box)", out["whitebox"]["pgd"]["ensemble_acc"]),
+    rows = [("SNN", "strong protocol, white-box attacks", out["strong"]["whitebox_acc"]),
+            ("SNN", "PGD ensemble (paper protocol)", out["whitebox"]["pgd"]["ensemble_acc"]),
             ("SNN", f"Square ({cfg.square_queries} queries)", bb["square_snn"]["robust_acc"]),
             ("SNN", "transfer PGD from its ANN", bb["transfer_from_ann"]["robust_acc"]),
             ("SNN", "transfer PGD from the SNN of the clean ANN", bb["transfer_from_other_snn"]["robust_acc"]),
-            ("ANN", "PGD (white-box)", out["ann_whitebox"]["pgd"]["ensemble_acc"]),
+            ("ANN", "strong protocol, white-box attacks", out["ann_strong"]["whitebox_acc"]),
             ("ANN", f"Square ({cfg.square_queries} queries)", bb["square_ann"]["robust_acc"])]
-    from rsnn_paper.metrics import format_acc
-    bdf = pd.DataFrame([(m, a, format_acc(v, out["n_images"])) for m, a, v in rows],
-                       columns=["model", "attack", "robust accuracy"])
-    from rsnn_paper.ann import write_table
+    bdf = pd.DataFrame([(m, a, format_acc(v, n)) for m, a, v in rows], columns=["model", "attack", "robust accuracy"])
     write_table(bdf, fdir / "attack_blackbox_table", f"White-box vs black-box at ε={cfg.eps_test * 255:g}/255 "
-                f"(scale {cfg.scale}, n={out['n_images']}, 95% Wilson intervals)")
+                f"(scale {cfg.scale}, n={n}, 95% Wilson intervals)")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for label, c in (("SNN, PGD ensemble over 19 sources", out["eps_curve"]["snn_pgd_ensemble"]),
-                     ("ANN (PGD-AT), PGD", out["eps_curve"]["ann_pgd"])):
+    for label, c in (("SNN, strong protocol over 19 sources", out["eps_curve"]["snn_strong"]),
+                     ("ANN (PGD-AT), strong protocol", out["eps_curve"]["ann_strong"])):
         es = sorted(c, key=float)
         ax.plot([float(e) * 255 for e in es], [c[e] for e in es], "o-", label=label)
-    ax.set(xlabel="ε (/255)", ylabel="robust accuracy", title=f"Accuracy vs ε (scale {cfg.scale}, n={out['n_images']})")
+    ax.set(xlabel="ε (/255)", ylabel="robust accuracy", title=f"Accuracy vs ε (scale {cfg.scale}, n={n})")
     ax.legend(fontsize=8); fig.tight_layout()
     fig.savefig(fdir / "attack_eps_curve.png", dpi=120); plt.close(fig)

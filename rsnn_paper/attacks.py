@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .surrogates import (DEFAULT_SOURCE, GRADIENT_SOURCES, GradientSource, Surrogate, gradient_source,
-                                   resolve_source)
+from .surrogates import (DEFAULT_SOURCE, GRADIENT_SOURCES, GradientSource, Surrogate, current_gradient_source,
+                                   gradient_source, resolve_source)
 
 # %% auto #0
-__all__ = ['BALL_TOL', 'ATTACKS', 'BLACKBOX_ATTACKS', 'ZERO_GRAD_MAX', 'EPS_ONE_MAX_ACC', 'STEPS_TOL', 'MODES',
+__all__ = ['BALL_TOL', 'SCHEDULES', 'ATTACKS', 'BLACKBOX_ATTACKS', 'ZERO_GRAD_MAX', 'EPS_ONE_MAX_ACC', 'STEPS_TOL', 'MODES',
            'default_generator', 'frozen', 'eval_mode', 'project', 'ce_loss', 'margin', 'dlr_loss', 'dlr_targeted_loss',
-           'kl_loss', 'input_gradient', 'fgsm', 'rfgsm', 'pgd', 'apgd', 'apgd_targeted', 'square', 'transfer',
-           'get_attack', 'true_logits', 'draw_seed', 'derive_generator', 'UnreliableEvaluationWarning', 'flag',
-           'zero_gradient_fraction', 'check_deterministic', 'check_eps_one', 'check_steps', 'check_blackbox',
-           'sanity_checks', 'run_ensemble', 'ensemble_table', 'table_markdown', 'evaluate_attack']
+           'kl_loss', 'input_gradient', 'BestIterate', 'fgsm', 'rfgsm', 'step_sizes', 'pgd', 'apgd', 'apgd_targeted',
+           'square', 'transfer', 'get_attack', 'true_logits', 'draw_seed', 'derive_generator',
+           'UnreliableEvaluationWarning', 'flag', 'zero_gradient_fraction', 'check_deterministic', 'check_eps_one',
+           'check_steps', 'check_blackbox', 'sanity_checks', 'run_ensemble', 'ensemble_table', 'table_markdown',
+           'evaluate_attack']
 
 # %% ../nbs/05_attacks.ipynb #b9a8628c
 def default_generator(generator: Optional[torch.Generator] = None) -> torch.Generator:
@@ -175,11 +176,52 @@ def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.T
         grad = torch.zeros_like(x)
     return grad.detach(), loss.detach(), logits.detach()
 
+
+def _judge(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The logits that decide whether an iterate fools `model`: the attack's own forward, except under the ANN proxy
+    (whose forward runs the network as an ANN): then the true spiking forward of `x`."""
+    if current_gradient_source().kind == "ann" and int(getattr(model, "T", 0) or 0) > 0:
+        return true_logits(model, x, max(len(x), 1))
+    return logits
+
+
+class BestIterate:
+    """Best-iterate success (as AutoAttack's APGD keeps its best point): each sample counts as broken, and its
+    adversarial image is kept, at the *first* iterate the model misclassifies — whatever later iterates do.
+    `record` (a dict, optional) receives per-sample `iterate` and `restart` (-1: not broken inside the attack)."""
+
+    def __init__(self, x: torch.Tensor):
+        n = len(x)
+        self.x = x.detach().clone()
+        self.found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.iterate = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        self.restart = torch.full((n,), -1, dtype=torch.long, device=x.device)
+
+    def update(self, model, x_it, logits, y, iterate: int, restart: int = 0, idx=None) -> torch.Tensor:
+        "Record the samples (`idx` of the batch, default all) that iterate `x_it` fools; returns the fooled mask."
+        wrong = _judge(model, x_it, logits).argmax(1) != y
+        idx = torch.arange(len(self.x), device=self.x.device) if idx is None else idx
+        new = wrong & ~self.found[idx]
+        if new.any():
+            j = idx[new]
+            self.x[j], self.found[j] = x_it[new].detach(), True
+            self.iterate[j], self.restart[j] = int(iterate), int(restart)
+        return wrong
+
+    def result(self, x_last: torch.Tensor, record: Optional[dict] = None, final: int = 0) -> torch.Tensor:
+        "The kept image where a sample was broken, else `x_last`; fills `record` (with `final`, the last iterate's index)."
+        if record is not None:
+            record.update(iterate=self.iterate.cpu(), restart=self.restart.cpu(), final=int(final))
+        return torch.where(self.found.view((-1,) + (1,) * (x_last.dim() - 1)), self.x, x_last)
+
 # %% ../nbs/05_attacks.ipynb #2661eefb
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "FGSM (no random start). `generator` is accepted for a uniform signature; FGSM draws no random numbers."
+         generator: Optional[torch.Generator] = None, record: Optional[dict] = None) -> torch.Tensor:
+    """FGSM (no random start). `generator` is accepted for a uniform signature; FGSM draws no random numbers. Its one
+    iterate is its output (`record['final'] = 1`; the caller judges it)."""
     eps = _check_inputs(x, y, eps)
+    if record is not None:
+        record.update(iterate=torch.full((len(x),), -1), restart=torch.full((len(x),), -1), final=1)
     if eps == 0 or len(x) == 0:
         return x.detach().clone()
     with frozen(model):
@@ -205,8 +247,9 @@ def _loss_fn(loss: str, y: torch.Tensor, model: nn.Module, x: torch.Tensor,
 
 def rfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: Optional[float] = None,
           loss: str = "ce", generator: Optional[torch.Generator] = None,
-          p_clean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    "RFGSM: random step `alpha` (default `eps/2`), then an `eps - alpha` gradient-sign step of CE or KL (`loss='kl'`)."
+          p_clean: Optional[torch.Tensor] = None, record: Optional[dict] = None) -> torch.Tensor:
+    """RFGSM: random step `alpha` (default `eps/2`), then an `eps - alpha` gradient-sign step of CE or KL (`loss='kl'`).
+    Best iterate: a sample already fooled at the random point (iterate 0) keeps that point."""
     eps = _check_inputs(x, y, eps)
     alpha = eps / 2 if alpha is None else float(alpha)
     if not 0 <= alpha <= eps:
@@ -214,47 +257,98 @@ def rfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha:
     if loss not in ("ce", "kl"):
         raise ValueError(f"unknown loss {loss!r} for rfgsm; known losses: 'ce', 'kl'")
     if eps == 0 or len(x) == 0:
+        if record is not None:
+            record.update(iterate=torch.full((len(x),), -1), restart=torch.full((len(x),), -1), final=1)
         return x.detach().clone()
     gen = default_generator(generator)
+    best = BestIterate(x)
     with frozen(model):
         loss_fn = _loss_fn(loss, y, model, x, p_clean)
         x0 = (x + alpha * _randn(x.shape, gen, x).sign()).clamp(0, 1)
-        g, _, _ = input_gradient(model, x0, loss_fn)
+        g, _, logits = input_gradient(model, x0, loss_fn)
+        best.update(model, x0, logits, y, 0)
     x_adv = (x + (x0 + (eps - alpha) * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
-    return _finalize(x_adv, x, eps)
+    return _finalize(best.result(x_adv, record, final=1), x, eps)
 
 # %% ../nbs/05_attacks.ipynb #dd940f2b
+SCHEDULES = ("constant", "cosine")
+
+
+def step_sizes(eps: float, steps: int, alpha: Optional[float] = None, schedule: str = "constant") -> list[float]:
+    """The step of each PGD iteration: `constant` (default `alpha = 2.5*eps/steps`, Madry et al.) or `cosine`, decaying
+    from `alpha` (default `eps/2`) to 0 as α_i = α·(1 + cos(π·i/steps))/2: large steps explore, small ones settle."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown step schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        a = 2.5 * eps / max(steps, 1) if alpha is None else float(alpha)
+        return [a] * steps
+    a = eps / 2 if alpha is None else float(alpha)
+    return [a * (1 + math.cos(math.pi * i / steps)) / 2 for i in range(steps)]
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
         alpha: Optional[float] = None, random_start: bool = True, generator: Optional[torch.Generator] = None,
-        loss: str = "ce", p_clean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    "L∞ PGD with `steps` steps of `alpha` (default `2.5*eps/steps`); `loss` is 'ce', 'dlr' or 'kl' (TRADES-style)."
+        loss: str = "ce", p_clean: Optional[torch.Tensor] = None, n_restarts: int = 1, schedule: str = "constant",
+        best_iterate: bool = True, record: Optional[dict] = None) -> torch.Tensor:
+    """L∞ PGD with `steps` steps (`schedule`: constant `alpha`, default `2.5*eps/steps`, or a cosine decay) from a
+    uniform random start, `n_restarts` times on the samples not yet broken; `loss` is 'ce', 'dlr' or 'kl'. Best iterate:
+    a sample counts as broken at the first iterate (start, any step, or the last) that the model misclassifies, and
+    that image is returned for it; otherwise the last iterate of the last restart. `best_iterate=False` returns the
+    last iterate always (for transfer attacks, where success on the crafting model is not success on the target)."""
     eps = _check_inputs(x, y, eps)
-    steps = int(steps)
+    steps, n_restarts = int(steps), int(n_restarts)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else float(alpha)
+    if n_restarts < 1:
+        raise ValueError(f"n_restarts must be >= 1, got {n_restarts}")
+    alphas = step_sizes(eps, steps, alpha, schedule)
+    best = BestIterate(x)
     if eps == 0 or len(x) == 0:
-        return x.detach().clone()
+        return best.result(x.detach().clone(), record, final=steps)
     gen = default_generator(generator)
+    x_last = x.detach().clone()
     with frozen(model):
         loss_fn = _loss_fn(loss, y, model, x, p_clean)
-        x_adv = x.detach().clone()
-        if random_start:
-            x_adv = (x_adv + eps * (2 * _rand(x.shape, gen, x) - 1)).clamp(0, 1)
-        for _ in range(steps):
-            g, _, _ = input_gradient(model, x_adv, loss_fn)
-            x_adv = project(x_adv + alpha * g.sign(), x, eps)
-    return _finalize(x_adv, x, eps)
+        for r in range(n_restarts):
+            idx = (~best.found).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            xs, ys = x[idx], y[idx]
+            f = loss_fn if len(idx) == len(x) else _subset_loss(loss_fn, idx, loss, y, model, x, p_clean)
+            x_adv = xs.detach().clone()
+            if random_start:
+                x_adv = (x_adv + eps * (2 * _rand(xs.shape, gen, xs) - 1)).clamp(0, 1)
+            for i, a in enumerate(alphas):
+                g, _, logits = input_gradient(model, x_adv, f)
+                best.update(model, x_adv, logits, ys, i, r, idx)
+                x_adv = project(x_adv + a * g.sign(), xs, eps)
+            with torch.no_grad():  # the last iterate, judged too (one forward)
+                best.update(model, x_adv, _logits(model, x_adv), ys, steps, r, idx)
+            x_last[idx] = x_adv
+    if not best_iterate:
+        return _finalize(x_last, x, eps)
+    return _finalize(best.result(x_last, record, final=steps), x, eps)
+
+
+def _subset_loss(loss_fn, idx, loss, y, model, x, p_clean):
+    "The per-sample loss of `loss` restricted to the samples `idx` (labels, and p(x) for 'kl', follow the subset)."
+    if loss == "kl":
+        with torch.no_grad():
+            p = F.softmax(_logits(model, x), 1) if p_clean is None else p_clean
+        return _loss_fn("kl", y[idx], model, x[idx], p[idx].detach())
+    return _loss_fn(loss, y[idx], model, x[idx], None)
 
 # %% ../nbs/05_attacks.ipynb #ddaa23ad
 def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen):
-    "One APGD run. Returns (x_best_loss, still_correct, best_loss, x_adv_found), all per sample."
+    """One APGD run. Returns (x_best_loss, still_correct, best_loss, x_adv_found, found_at), all per sample; `found_at`
+    is the iterate (0 = the random start) at which a sample was first misclassified, -1 if never."""
     B = x.shape[0]
     view = (-1,) + (1,) * (x.dim() - 1)
     t = 2 * _rand(x.shape, gen, x) - 1
     x_adv = (x + eps * t / (t.abs().flatten(1).amax(1).view(view) + 1e-12)).clamp(0, 1)
     grad, loss, logits = input_gradient(model, x_adv, loss_fn)
-    correct = logits.argmax(1) == y
+    correct = _judge(model, x_adv, logits).argmax(1) == y
+    found_at = torch.where(correct, -1, 0)
     x_found = x_adv.clone()
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
     step = torch.full((B,) + (1,) * (x.dim() - 1), 2 * eps, dtype=x.dtype, device=x.device)
@@ -271,8 +365,10 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen):
         x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
         x_prev, x_adv = x_adv, x_new
         grad, loss, logits = input_gradient(model, x_adv, loss_fn)
-        wrong = logits.argmax(1) != y
-        x_found[wrong] = x_adv[wrong]
+        wrong = _judge(model, x_adv, logits).argmax(1) != y
+        first = wrong & correct  # keep the first success (a later iterate may be correct again)
+        x_found[first] = x_adv[first]
+        found_at[first] = i + 1
         correct &= ~wrong
         better = loss > loss_best
         x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
@@ -288,32 +384,41 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen):
             x_adv = torch.where(halve.view(view), x_best, x_adv)
             grad = torch.where(halve.view(view), grad_best, grad)
             since_check, k = 0, max(k - k_decr, k_min)
-    return x_best, correct, loss_best, x_found
+    return x_best, correct, loss_best, x_found, found_at
 
 
-def _apgd_restarts(model, x, y, eps, steps, n_restarts, rho, gen, make_loss, x_out, fooled, best_loss):
-    "Run `n_restarts` APGD runs on the samples not yet `fooled`, updating `x_out`, `fooled`, `best_loss` in place."
-    for _ in range(int(n_restarts)):
+def _apgd_restarts(model, x, y, eps, steps, n_restarts, rho, gen, make_loss, x_out, fooled, best_loss,
+                   iterate=None, restart=None, first_restart: int = 0):
+    """Run `n_restarts` APGD runs on the samples not yet `fooled`, updating `x_out`, `fooled`, `best_loss` (and the
+    per-sample `iterate`/`restart` records, restarts numbered from `first_restart`) in place."""
+    for r in range(int(n_restarts)):
         idx = (~fooled).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        xb, still, lb, xf = _apgd_run(model, x[idx], y[idx], eps, steps, make_loss(idx), rho, gen)
+        xb, still, lb, xf, at = _apgd_run(model, x[idx], y[idx], eps, steps, make_loss(idx), rho, gen)
         hit = ~still
         x_out[idx[hit]] = xf[hit]
         fooled[idx[hit]] = True
+        if iterate is not None:
+            iterate[idx[hit]], restart[idx[hit]] = at[hit], first_restart + r
         upd = still & (lb > best_loss[idx])
         x_out[idx[upd]], best_loss[idx[upd]] = xb[upd], lb[upd]
 
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10, loss: str = "ce",
-         n_restarts: int = 1, rho: float = 0.75, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "APGD-CE (`loss='ce'`) or APGD-DLR (`loss='dlr'`), L∞, as in AutoAttack; `steps=10` paper, 100 AutoAttack."
+         n_restarts: int = 1, rho: float = 0.75, generator: Optional[torch.Generator] = None,
+         record: Optional[dict] = None) -> torch.Tensor:
+    """APGD-CE (`loss='ce'`) or APGD-DLR (`loss='dlr'`), L∞, as in AutoAttack; `steps=10` paper, 100 AutoAttack.
+    Returns, per sample, the first iterate that fools the model, else the point of highest loss."""
     eps = _check_inputs(x, y, eps)
     if loss not in ("ce", "dlr"):
         raise ValueError(f"unknown loss {loss!r} for apgd; known losses: 'ce', 'dlr'")
     if int(steps) < 1 or int(n_restarts) < 1:
         raise ValueError("apgd needs steps >= 1 and n_restarts >= 1")
+    iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
+        if record is not None:
+            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
         return x.detach().clone()
     gen = default_generator(generator)
     per_sample = ce_loss if loss == "ce" else dlr_loss
@@ -322,18 +427,24 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: 
     best_loss = torch.full((len(x),), float("-inf"), device=x.device)
     with frozen(model):
         _apgd_restarts(model, x, y, eps, int(steps), n_restarts, rho, gen,
-                       lambda idx: (lambda z: per_sample(z, y[idx])), x_out, fooled, best_loss)
+                       lambda idx: (lambda z: per_sample(z, y[idx])), x_out, fooled, best_loss, iterate, restart)
+    if record is not None:
+        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
     return _finalize(x_out, x, eps)
 
 
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
                   n_target_classes: Optional[int] = None, n_restarts: int = 1, rho: float = 0.75,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "APGD-T: APGD on the targeted DLR loss towards each of the `n_target_classes` (default K-1) top other classes."
+                  generator: Optional[torch.Generator] = None, record: Optional[dict] = None) -> torch.Tensor:
+    """APGD-T: APGD on the targeted DLR loss towards each of the `n_target_classes` (default K-1) top other classes
+    (capped at K-1); best iterate as in `apgd`. In `record`, `restart` numbers the (target, restart) runs in order."""
     eps = _check_inputs(x, y, eps)
     if int(steps) < 1 or int(n_restarts) < 1:
         raise ValueError("apgd_targeted needs steps >= 1 and n_restarts >= 1")
+    iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
+        if record is not None:
+            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
         return x.detach().clone()
     gen = default_generator(generator)
     x, x_out = x.detach(), x.detach().clone()
@@ -343,16 +454,18 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         with torch.no_grad():
             order = _logits(model, x).argsort(1)  # ascending: order[:, -1] is the top class
         K = order.shape[1]
-        n_t = K - 1 if n_target_classes is None else int(n_target_classes)
-        if K < 4 or not 1 <= n_t <= K - 1:
-            raise ValueError(f"apgd_targeted needs >= 4 classes and 1 <= n_target_classes <= K-1 (K={K}), got {n_t}")
+        n_t = K - 1 if n_target_classes is None else min(int(n_target_classes), K - 1)
+        if K < 4 or n_t < 1:
+            raise ValueError(f"apgd_targeted needs >= 4 classes and n_target_classes >= 1 (K={K}), got {n_t}")
         for c in range(2, n_t + 2):
             targets = order[:, -c]
             _apgd_restarts(model, x, y, eps, int(steps), n_restarts, rho, gen,
                            lambda idx: (lambda z: dlr_targeted_loss(z, y[idx], targets[idx])),
-                           x_out, fooled, best_loss)
+                           x_out, fooled, best_loss, iterate, restart, (c - 2) * int(n_restarts))
             # the targeted losses of different targets are not comparable: a new target restarts the bookkeeping
             best_loss[~fooled] = float("-inf")
+    if record is not None:
+        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
     return _finalize(x_out, x, eps)
 
 # %% ../nbs/05_attacks.ipynb #b5d8a04a
@@ -367,10 +480,11 @@ def _p_selection(p_init: float, it: int, n_queries: int) -> float:
 
 
 def _square_run(model, x, y, eps, n_queries, p_init, gen):
-    "One Square run; returns (best images, their margins)."
+    "One Square run; returns (best images, their margins, the query at which each was first fooled or -1)."
     n, c, h, w = x.shape
     x_best = (x + eps * _rand_sign((n, c, 1, w), gen, x)).clamp(0, 1)
     margin_min = margin(_logits(model, x_best), y)
+    found_at = torch.where(margin_min < 0, 0, -1)
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     for it in range(n_queries - 1):
         active = (margin_min > 0).nonzero().squeeze(1)
@@ -395,30 +509,40 @@ def _square_run(model, x, y, eps, n_queries, p_init, gen):
         better = m_new < margin_min[active]
         margin_min[active[better]] = m_new[better]
         x_best[active[better]] = x_new[better]
-    return x_best, margin_min
+        found_at[active[better & (m_new < 0)]] = it + 1
+    return x_best, margin_min, found_at
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,
-           p_init: float = 0.8, n_restarts: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "Score-based L∞ Square attack (margin loss), querying only the forward; images [B, C, H, W]."
+           p_init: float = 0.8, n_restarts: int = 1, generator: Optional[torch.Generator] = None,
+           record: Optional[dict] = None) -> torch.Tensor:
+    """Score-based L∞ Square attack (margin loss), querying only the forward; images [B, C, H, W]. A sample stops
+    being attacked once fooled (its margin < 0); `record['iterate']` is that query's index."""
     eps = _check_inputs(x, y, eps)
     if x.dim() != 4:
         raise ValueError("square expects images [B, C, H, W]")
     if int(n_queries) < 1 or int(n_restarts) < 1:
         raise ValueError("square needs n_queries >= 1 and n_restarts >= 1")
+    iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
+        if record is not None:
+            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(n_queries))
         return x.detach().clone()
     gen = default_generator(generator)
     x, x_out = x.detach(), x.detach().clone()
     best = torch.full((len(x),), float("inf"), device=x.device)
     with frozen(model), torch.no_grad():
-        for _ in range(int(n_restarts)):
-            idx = (best > 0).nonzero().squeeze(1)
+        for r in range(int(n_restarts)):
+            idx = (best >= 0).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            xb, mb = _square_run(model, x[idx], y[idx], eps, int(n_queries), p_init, gen)
+            xb, mb, at = _square_run(model, x[idx], y[idx], eps, int(n_queries), p_init, gen)
             upd = mb < best[idx]
             x_out[idx[upd]], best[idx[upd]] = xb[upd], mb[upd]
+            hit = at >= 0
+            iterate[idx[hit]], restart[idx[hit]] = at[hit], r
+    if record is not None:
+        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(n_queries))
     return _finalize(x_out, x, eps)
 
 # %% ../nbs/05_attacks.ipynb #18636d0f
@@ -617,7 +741,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 # %% ../nbs/05_attacks.ipynb #8cbde6c1
 MODES = ("full", "cascade")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _resolve_sources(sources) -> list[GradientSource]:
@@ -667,6 +791,15 @@ def _load_state(path: Path, config: str) -> Optional[dict]:
     return state
 
 
+def _takes_record(fn) -> bool:
+    "Does attack `fn` accept `record=` (the per-sample iterate bookkeeping)?"
+    import inspect
+    try:
+        return "record" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _attack_name(attack) -> str:
     if isinstance(attack, str):
         if attack not in ATTACKS:
@@ -688,6 +821,7 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Uni
     `callback(info)` is called after each (source, batch) once its state is saved."""
     name = _attack_name(attack)
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
+    takes_record = _takes_record(fn)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known modes: {', '.join(MODES)}")
     srcs = _resolve_sources(sources)
@@ -710,6 +844,8 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Uni
         state = {"version": _STATE_VERSION, "config": config, "base_seed": base_seed,
                  "clean_correct": torch.zeros(0, dtype=torch.bool),
                  "fooled": torch.zeros(S, n, dtype=torch.bool), "attacked": torch.zeros(S, n, dtype=torch.bool),
+                 "iterate": torch.full((S, n), -1, dtype=torch.int64),
+                 "restart": torch.full((S, n), -1, dtype=torch.int64),
                  "next_batch": torch.zeros(S, dtype=torch.int64),
                  "zero_grad": torch.full((S,), float("nan"), dtype=torch.float64),
                  "checks": "", "elapsed_s": 0.0}
@@ -741,15 +877,20 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Uni
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
                 if b == 0 and sanity:
                     state["zero_grad"][s] = zero_gradient_fraction(model, xb, yb, src)
+                rec = {} if takes_record else None
                 with gradient_source(src):
                     x_adv = fn(model, xb, yb, eps, generator=derive_generator(base_seed, src.name, b),
-                               **attack_kwargs)
+                               **attack_kwargs, **({"record": rec} if takes_record else {}))
                 x_adv = _finalize(x_adv, xb, eps)
                 changed = (x_adv != xb).flatten(1).any(1)
                 hit = torch.zeros(len(idx), dtype=torch.bool, device=xb.device)
                 if changed.any():  # an unchanged image keeps its clean (correct) outcome
                     hit[changed] = true_logits(model, x_adv[changed], batch_size).argmax(1) != yb[changed]
                 fooled[s, idx], attacked[s, idx] = hit.cpu(), True
+                if rec:  # the iterate that broke it; a break the attack did not see itself is its last iterate
+                    it = torch.where(rec["iterate"] >= 0, rec["iterate"], int(rec.get("final", -1)))
+                    state["iterate"][s, idx] = torch.where(hit.cpu(), it, -1)
+                    state["restart"][s, idx] = torch.where(hit.cpu(), rec["restart"].clamp_min(0), -1)
                 state["next_batch"][s] = b + 1
                 state["elapsed_s"] = float(state["elapsed_s"]) + time.time() - t0
                 t0 = time.time()
@@ -778,6 +919,21 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Uni
     return _ensemble_result(state, name, eps, mode, srcs, attack_kwargs, base_seed, checks, zero_grad_max, sanity)
 
 
+def _broken_by(state, names) -> list:
+    """Per image: None (never broken) or `[source, iterate, restart]` of the first source (in grid order) that broke it
+    and the attack's iterate and restart at which it did (-1 where the attack does not record iterates)."""
+    fooled = state["fooled"]
+    out = []
+    for i in range(fooled.shape[1]):
+        hits = fooled[:, i].nonzero().squeeze(1)
+        if hits.numel() == 0:
+            out.append(None)
+            continue
+        s = int(hits[0])
+        out.append([names[s], int(state["iterate"][s, i]), int(state["restart"][s, i])])
+    return out
+
+
 def _ensemble_result(state, name, eps, mode, srcs, attack_kwargs, base_seed, checks, zero_grad_max, sanity) -> dict:
     correct, fooled, attacked = state["clean_correct"], state["fooled"], state["attacked"]
     n = len(correct)
@@ -797,6 +953,7 @@ def _ensemble_result(state, name, eps, mode, srcs, attack_kwargs, base_seed, che
         "robust": robust.tolist(),
         "clean_correct": correct.tolist(),
         "fooled_by": {nm: fooled[s].nonzero().squeeze(1).tolist() for s, nm in enumerate(names)},
+        "broken_by": _broken_by(state, names),
         "attacked_n": {nm: int(attacked[s].sum()) for s, nm in enumerate(names)},
         "zero_grad_frac": {nm: (None if math.isnan(v) else float(v))
                            for nm, v in zip(names, state["zero_grad"].tolist())},

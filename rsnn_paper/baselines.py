@@ -4,15 +4,13 @@
 
 # %% ../nbs/14_baselines.ipynb #59545373
 from __future__ import annotations
-import math
-import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .config import Config, get_config, stage_key
+from .config import Config, stage_key
 from .models import SpikingNet, create_model
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
 from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel, seed_from_key, seeded
@@ -91,13 +89,14 @@ def build_e2e(cfg: Config, kind: str, store: Optional[ArtifactStore] = None, spl
     spec = _check_baseline(kind)
     store = store or ArtifactStore()
     key = stage_key(cfg, "e2e", baseline=kind)
+    train, val, _ = splits or load_splits(cfg)
     with seeded(seed_from_key(cfg.seed, key)):  # the initial weights depend on the configuration only
-        snn = create_model(cfg.arch, width=cfg.width, threshold=1.0, learn_threshold=False)
+        snn = create_model(cfg.arch, num_classes=train.num_classes, width=cfg.width, mean=train.mean, std=train.std,
+                           threshold=1.0, learn_threshold=False)
     snn.T = cfg.T
     if store.exists(key) and not force:
         sd, meta = store.load(key)
         return load_into(snn, sd, meta, source=f"artifact {key}").eval(), meta
-    train, val, _ = splits or load_splits(cfg)
     if cfg.e2e_n_train is not None and cfg.e2e_n_train < len(train):
         train = train.subset(stratified_indices(train.targets, cfg.e2e_n_train, seed=cfg.seed))
     if cfg.n_val_eval is not None and cfg.n_val_eval < len(val):
@@ -117,29 +116,33 @@ def build_e2e(cfg: Config, kind: str, store: Optional[ArtifactStore] = None, spl
 
 # %% ../nbs/14_baselines.ipynb #faf5aa37
 EVAL_FIELDS = ("clean_acc", "fgsm.ensemble_acc", "pgd.ensemble_acc", "pgd.best_single_acc", "pgd.best_single_source",
-               "apgd.ensemble_acc", "square_acc", "transfer_from_ann_acc")
+               "apgd.ensemble_acc", "strong.robust_acc", "strong.whitebox_acc", "strong.converged", "square_acc",
+               "transfer_from_ann_acc")
 
 
 def evaluate_snn(model: SpikingNet, key: str, x, y, cfg: Config, store: ArtifactStore, ann=None,
                  progress: bool = False) -> dict:
     """The main-table evaluation of SNN artifact `key` on images `x`, labels `y`: a flat dict with `EVAL_FIELDS`
-    (and the full ensemble records under `"whitebox"`). `ann=(model, key)` is the transfer source."""
-    from rsnn_paper.attack_section import blackbox, whitebox
+    (the paper protocol's FGSM/PGD/APGD-CE ensembles and the strong protocol; the full records under `"whitebox"` and
+    `"strong"`). `ann=(model, key)` is the transfer source."""
+    from rsnn_paper.attack_section import evaluate_protocols
+    from rsnn_paper.evaluation import blackbox
     eps = cfg.eps_test
-    wb = {a: whitebox(model, key, x, y, a, eps, cfg, store, sanity=a == "pgd", progress=progress)
-          for a in ("fgsm", "pgd", "apgd-ce")}
+    wb, st = evaluate_protocols(model, key, x, y, cfg, store, progress=progress)
     out = {"n": len(y), "clean_acc": wb["pgd"]["clean_acc"],
            "fgsm.ensemble_acc": wb["fgsm"]["ensemble_acc"],
            "pgd.ensemble_acc": wb["pgd"]["ensemble_acc"],
            "pgd.best_single_acc": wb["pgd"]["best_single_acc"],
            "pgd.best_single_source": wb["pgd"]["best_single_source"],
            "apgd.ensemble_acc": wb["apgd-ce"]["ensemble_acc"],
+           "strong.robust_acc": st["robust_acc"], "strong.whitebox_acc": st["whitebox_acc"],
+           "strong.converged": st["converged"],
            "square_acc": blackbox(model, key, x, y, "square", eps, cfg, store, progress=progress)["robust_acc"]}
     if ann is not None:
         out["transfer_from_ann_acc"] = blackbox(model, key, x, y, "pgd", eps, cfg, store, source=ann,
                                                 progress=progress)["robust_acc"]
-    out["warnings"] = [w for r in wb.values() for w in r.get("warnings", [])]
-    out["whitebox"] = wb
+    out["warnings"] = [w for r in (*wb.values(), st) for w in r.get("warnings", [])]
+    out["whitebox"], out["strong"] = wb, st
     return out
 
 # %% ../nbs/14_baselines.ipynb #ef1a2937
@@ -158,7 +161,8 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     """Train (or load) the end-to-end baselines, evaluate them and the converted-and-finetuned SNN with the same
     ensembles, measure their cost, and write `results/<scale>/baselines.json`, the main table, the cost table,
     the figure, and the `eval.snn.e2e_at.*` / `eval.snn.snn_rat.*` keys of summary.json."""
-    from rsnn_paper.attack_section import eval_images, section_models
+    from rsnn_paper.attack_section import evaluate_protocols, section_models
+    from rsnn_paper.evaluation import eval_images, strong_curve
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     splits = load_splits(cfg)
@@ -186,20 +190,22 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
                       "best_epoch": meta["best_epoch"], "history": meta["history"],
                       **evaluate_snn(model, meta["key"], x, y, cfg, store, ann, progress)}
         cost[kind] = _cost(model, x, cfg)
-    from rsnn_paper.attack_section import pgd_curve, whitebox
     from rsnn_paper.surrogates import DEFAULT_SOURCE
-    for k, (m, mk) in nets.items():  # robust accuracy vs ε, the same ensemble for every SNN
-        rows[k]["pgd_curve"] = pgd_curve(m, mk, x, y, cfg, store, rows[k]["whitebox"]["pgd"], progress=progress)
-    a = {k: whitebox(*ann, x, y, k, cfg.eps_test, cfg, store, sources=(DEFAULT_SOURCE,)) for k in ("fgsm", "pgd", "apgd-ce")}
+    for k, (m, mk) in nets.items():  # robust accuracy vs ε: the strong protocol for every SNN
+        rows[k]["strong_curve"] = strong_curve(m, mk, x, y, cfg, store, rows[k]["strong"], progress=progress)
+    a, ast = evaluate_protocols(*ann, x, y, cfg, store, sources=(DEFAULT_SOURCE,), progress=progress)
     ann_row = {"label": "ANN, PGD-AT (reference)", "key": ann[1], "n": len(y), "clean_acc": a["pgd"]["clean_acc"],
                "fgsm.ensemble_acc": a["fgsm"]["ensemble_acc"], "pgd.ensemble_acc": a["pgd"]["ensemble_acc"],
-               "apgd.ensemble_acc": a["apgd-ce"]["ensemble_acc"], "train_time_s": float(ann_meta["train_time_s"])}
+               "apgd.ensemble_acc": a["apgd-ce"]["ensemble_acc"], "strong.robust_acc": ast["robust_acc"],
+               "strong.whitebox_acc": ast["whitebox_acc"], "strong.converged": ast["converged"],
+               "train_time_s": float(ann_meta["train_time_s"])}
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
            "eps": cfg.eps_test, "n_images": len(y), "config": cfg.to_dict(),
-           "models": {k: {kk: vv for kk, vv in v.items() if kk != "whitebox"} for k, v in rows.items()},
+           "protocol": "strong", "converged": all(bool(v["strong.converged"]) for v in rows.values()),
+           "models": {k: {kk: vv for kk, vv in v.items() if kk not in ("whitebox", "strong")} for k, v in rows.items()},
            "ann": ann_row, "cost": cost, "seeds": headline_seeds(cfg, rows, x, y, store, progress)}
-    write_json(results_dir(cfg.scale) / "baselines.json", out)
-    update_summary(cfg.scale, {f"eval.snn.{kind}.{f}": rows[kind][f] for kind in BASELINES for f in EVAL_FIELDS}
+    write_json(results_dir(cfg) / "baselines.json", out)
+    update_summary(cfg, {f"eval.snn.{kind}.{f}": rows[kind][f] for kind in BASELINES for f in EVAL_FIELDS}
                    | {f"eval.snn.{kind}.train_time_s": rows[kind]["train_time_s"] for kind in BASELINES}
                    | {"eval.snn.finetuned.train_time_s": rows["finetuned"]["train_time_s"]})
     render_baselines(out)
@@ -207,11 +213,12 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
 
 # %% ../nbs/14_baselines.ipynb #3f444efd
 def headline_seeds(cfg: Config, first: dict, x, y, store: ArtifactStore, progress: bool = False) -> list:
-    """Clean accuracy and PGD-ensemble accuracy of the finetuned SNN and the baselines for every seed of
+    """Clean accuracy and strong-protocol accuracy of the finetuned SNN and the baselines for every seed of
     `cfg.headline_seeds` (the first seed's numbers are `first`'s)."""
-    from rsnn_paper.attack_section import section_models, whitebox
+    from rsnn_paper.attack_section import section_models
+    from rsnn_paper.evaluation import strong
     from rsnn_paper.training import load_splits
-    pick = lambda r: {"clean_acc": r["clean_acc"], "pgd.ensemble_acc": r["pgd.ensemble_acc"]}
+    pick = lambda r: {"clean_acc": r["clean_acc"], "strong.robust_acc": r["strong.robust_acc"]}
     out = [{"seed": int(cfg.seed), **{k: pick(first[k]) for k in ("finetuned", *BASELINES)}}]
     for s in cfg.headline_seeds:
         if int(s) == cfg.seed:
@@ -224,8 +231,8 @@ def headline_seeds(cfg: Config, first: dict, x, y, store: ArtifactStore, progres
             models[kind] = (m, meta["key"])
         row = {"seed": int(s)}
         for k, (m, key) in models.items():
-            r = whitebox(m, key, x, y, "pgd", cs.eps_test, cs, store, mode="cascade", progress=progress)
-            row[k] = {"clean_acc": r["clean_acc"], "pgd.ensemble_acc": r["ensemble_acc"]}
+            r = strong(m, key, x, y, cs.eps_test, cs, store, progress=progress)
+            row[k] = {"clean_acc": r["clean_acc"], "strong.robust_acc": r["robust_acc"]}
         out.append(row)
     return out
 
@@ -235,7 +242,8 @@ def render_baselines(out: dict) -> list:
     from rsnn_paper.ann import write_table
     from rsnn_paper.metrics import format_acc
     scale, n = out["scale"], out["n_images"]
-    fdir = figures_dir(scale)
+    from rsnn_paper.store import run_of
+    fdir = figures_dir(run_of(out))
     fdir.mkdir(parents=True, exist_ok=True)
     eps = f"ε={out['eps'] * 255:g}/255"
     rows = []
@@ -244,17 +252,22 @@ def render_baselines(out: dict) -> list:
                      "clean": format_acc(r["clean_acc"], n), f"FGSM ensemble {eps}": format_acc(r["fgsm.ensemble_acc"], n),
                      f"PGD ensemble {eps}": format_acc(r["pgd.ensemble_acc"], n),
                      f"APGD-CE ensemble {eps}": format_acc(r["apgd.ensemble_acc"], n),
+                     f"strong protocol {eps}": format_acc(r["strong.robust_acc"], n),
+                     "converged": "yes" if r["strong.converged"] else "NO",
                      "training time (s)": round(r["train_time_s"], 1)})
     main = pd.DataFrame(rows)
     seeds = out.get("seeds", [])
     if len(seeds) > 1:  # mean ± standard deviation over seeds, for the SNN rows
         col = []
         for k in ("ann", *out["models"]):
-            v = [s[k]["pgd.ensemble_acc"] for s in seeds] if k != "ann" else []
+            v = [s[k]["strong.robust_acc"] for s in seeds] if k != "ann" else []
             col.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if v else "")
-        main[f"PGD ensemble over seeds {[s['seed'] for s in seeds]}"] = col
+        main[f"strong protocol over seeds {[s['seed'] for s in seeds]}"] = col
     write_table(main, fdir / "main_table", f"Main results (scale {scale}, {out['dataset']} → {out['test_dataset']}, "
-                f"n={n} test images, 95% Wilson intervals; the ANN row is attacked with PCW γ=1 only)")
+                f"n={n} test images, 95% Wilson intervals; FGSM/PGD/APGD-CE: the paper protocol, each over the 19 gradient "
+                "sources; strong protocol: the per-image worst case over APGD-CE, APGD-T, cosine PGD with restarts and "
+                "Square, best-iterate success, with its convergence check — the claims are decided on it; the ANN "
+                "row is attacked with its one gradient)")
     crow = []
     for k, c in out["cost"].items():
         crow.append({"model": out["models"][k]["label"], "clean": format_acc(out["models"][k]["clean_acc"], n),
@@ -274,7 +287,7 @@ def render_baselines(out: dict) -> list:
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(fdir / "spike_rates.png", dpi=120); plt.close(fig)
     paths = [fdir / "main_table.md", fdir / "cost_table.md", fdir / "spike_rates.png"]
-    if all("pgd_curve" in m for m in out["models"].values()):  # results written before the curve have none
+    if all("strong_curve" in m for m in out["models"].values()):  # results written before the curve have none
         paths.append(_plot_eps_curves(out, fdir / "main_eps_curve.png"))
     return paths
 
@@ -285,13 +298,13 @@ def _plot_eps_curves(out: dict, path) -> Path:
     n = out["n_images"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, m in enumerate(out["models"].values()):
-        es = sorted(m["pgd_curve"], key=float)
-        acc = np.array([m["pgd_curve"][e] for e in es])
+        es = sorted(m["strong_curve"], key=float)
+        acc = np.array([m["strong_curve"][e] for e in es])
         lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
         x = np.array([float(e) * 255 for e in es]) + (i - 1) * 0.15  # a small offset keeps the bars apart
         ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
     ax.axvline(out["eps"] * 255, ls=":", c="gray", label="ε_test (the main table)")
-    ax.set(xlabel="ε (/255)", ylabel="robust accuracy (PGD ensemble)",
+    ax.set(xlabel="ε (/255)", ylabel="robust accuracy (strong protocol)",
            title=f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(path, dpi=120); plt.close(fig)

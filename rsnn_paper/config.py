@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 # %% auto #0
-__all__ = ['SCALES', 'OUTPUT_FIELDS', 'STAGE_FIELDS', 'LEGACY_VALUES', 'Config', 'config_from_dict', 'get_config',
-           'parse_overrides', 'config_hash', 'stage_key']
+__all__ = ['SCALES', 'OUTPUT_FIELDS', 'STAGE_FIELDS', 'STAGE_GROUPS', 'STAGE_PARENT', 'UNKEYED_FIELDS', 'LEGACY_VALUES', 'Config',
+           'config_from_dict', 'get_config', 'parse_overrides', 'keyed_fields', 'config_hash', 'stage_key',
+           'RecordingConfig']
 
 # %% ../nbs/04_config.ipynb #985b381c
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Config:
     strong_steps: int = 100           # iterations of APGD-CE, APGD-T and the cosine PGD (AutoAttack: 100)
     strong_restarts: int = 3          # restarts of the cosine PGD
     strong_targets: int = 9           # target classes of APGD-T (AutoAttack: 9; capped at K-1)
+    strong_sources: Optional[int] = None  # the long attacks use the sources that broke most images so far (None: all)
     conv_sources: int = 3             # the convergence round attacks with the sources that broke most images
     conv_tol: float = 0.01            # ... and may lower robust accuracy by at most this much (else: flagged)
     n_val_eval: Optional[int] = None  # validation images used per epoch (None = the whole split)
@@ -132,7 +135,8 @@ SCALES: dict[str, dict[str, Any]] = {
                search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
                sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,
-               n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 4 / 255, 8 / 255),
+               n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 8 / 255),
+               strong_steps=10, strong_restarts=1, strong_targets=2, strong_sources=2, conv_sources=2,
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
                ablation_T=(8,), n_ablation=200, n_ood=100),
 }
@@ -236,10 +240,30 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
             "rat_beta", "eps_train", "T", "val_attack_steps", "n_val_eval"),
 }
 
+#: The field groups hashed into each stage's own address, and the stage whose address it is built on (its `parent`):
+#: a stage's address covers its groups directly and its parent's through the parent's address.
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {"ann": ("data", "model", "ann"), "convert": ("convert",),
+                                            "finetune": ("finetune",), "e2e": ("data", "model", "e2e")}
+STAGE_PARENT: dict[str, Optional[str]] = {"ann": None, "convert": "ann", "finetune": "convert", "e2e": None}
+
+#: Fields no artifact address may read: what a run is called, how and where it runs. A stage may read them (the
+#: device to train on, the scale to record in the artifact's metadata), they never change what is built.
+UNKEYED_FIELDS = ("scale", "workers", "device", "out_dir")
+
 #: Knobs added after artifacts were first stored, with the behaviour those artifacts were built with. Such a knob
-#: enters its stage's address only when its value differs, so the existing addresses stay valid.
+#: enters its stage's address only when its value differs, so the existing addresses stay valid. A field added to a
+#: stage's `STAGE_FIELDS` later goes here too, with the value every stored artifact was built with.
 LEGACY_VALUES: dict[str, Any] = {"percentile_method": "linear", "search_fresh_batches": False,
                                  "ft_bn_init": "recalibrate"}
+
+
+def keyed_fields(stage: str) -> frozenset[str]:
+    "Every field the address of `stage` covers: its own groups' and, through its parent's address, its ancestors'."
+    if stage not in STAGE_GROUPS:
+        raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_GROUPS)}")
+    own = {k for g in STAGE_GROUPS[stage] for k in STAGE_FIELDS[g]}
+    parent = STAGE_PARENT[stage]
+    return frozenset(own | (keyed_fields(parent) if parent else set()))
 
 
 def config_hash(payload: dict) -> str:
@@ -250,10 +274,39 @@ def config_hash(payload: dict) -> str:
 
 def stage_key(cfg: Config, stage: str, parent: Optional[str] = None, **extra) -> str:
     "The artifact address of `stage` under `cfg`, built on artifact `parent`, with `extra` fields (e.g. objective)."
-    if stage not in STAGE_FIELDS:
-        raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_FIELDS)}")
-    groups = ("data", "model", stage) if stage in ("ann", "e2e") else (stage,)
-    payload = {k: getattr(cfg, k) for g in groups for k in STAGE_FIELDS[g]
+    if stage not in STAGE_GROUPS:
+        raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_GROUPS)}")
+    payload = {k: getattr(cfg, k) for g in STAGE_GROUPS[stage] for k in STAGE_FIELDS[g]
                if not (k in LEGACY_VALUES and getattr(cfg, k) == LEGACY_VALUES[k])}
     payload.update(stage=stage, parent=parent, **extra)
     return f"{stage}-{config_hash(payload)}"
+
+# %% ../nbs/04_config.ipynb #3f9a2b61
+class RecordingConfig:
+    """A stand-in for `cfg` that records the name of every field read from it: hand it to a stage's builder to learn
+    which fields the stage really reads. `stage_key` hashing the address and `to_dict` recording the whole
+    configuration in an artifact's metadata are not reads of the stage and are not recorded; `replace` returns a
+    plain `Config`."""
+
+    def __init__(self, cfg: Config):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "reads", set())
+
+    def __getattr__(self, name):
+        value = getattr(self._cfg, name)
+        if name in _FIELD_NAMES and _reader(sys._getframe(1)) is not stage_key.__code__:
+            self.reads.add(name)
+        return value
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Config))
+
+
+def _reader(frame):
+    "The code of the function that reads in `frame` (a comprehension's frame is its enclosing function's, before 3.12)."
+    while frame.f_code.co_name in ("<dictcomp>", "<listcomp>", "<setcomp>", "<genexpr>") and frame.f_back:
+        frame = frame.f_back
+    return frame.f_code

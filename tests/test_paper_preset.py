@@ -150,10 +150,10 @@ NEW_KNOBS = ("percentile_method", "search_fresh_batches", "ft_bn_init")
 def test_small_presets_pin_the_earlier_behaviour_and_keep_their_keys(scale, monkeypatch):
     cfg = get_config(scale)
     assert (cfg.percentile_method, cfg.search_fresh_batches, cfg.ft_bn_init) == ("linear", False, "recalibrate")
-    keys = {s: stage_key(cfg, s, parent="p") for s in C.STAGE_FIELDS}
+    keys = {s: stage_key(cfg, s, parent="p") for s in C.STAGE_GROUPS}
     without = {s: tuple(f for f in fs if f not in NEW_KNOBS) for s, fs in C.STAGE_FIELDS.items()}
     monkeypatch.setattr(C, "STAGE_FIELDS", without)  # the stage fields before the knobs existed
-    assert keys == {s: stage_key(cfg, s, parent="p") for s in without}
+    assert keys == {s: stage_key(cfg, s, parent="p") for s in C.STAGE_GROUPS}
 
 
 def test_new_knobs_enter_their_stage_key():
@@ -193,7 +193,7 @@ PAPER = dict(
     square_queries=5000, eps_curve=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), n_val_eval=None,
     # the strong protocol of the evaluation module (ours): AutoAttack's 100 iterations and 9 APGD-T targets,
     # a cosine-step PGD with 3 restarts, a convergence round with the 3 strongest sources and a 1 % tolerance
-    strong_steps=100, strong_restarts=3, strong_targets=9, conv_sources=3, conv_tol=0.01,
+    strong_steps=100, strong_restarts=3, strong_targets=9, strong_sources=None, conv_sources=3, conv_tol=0.01,
     # end-to-end baselines: SNN-RAT's recipe (SGD lr 0.1, 200 epochs, batch 64, wd 0, Parseval β = 0.004) and
     # PGD-AT by BPTT with 10 steps
     e2e_epochs=200, e2e_batch_size=64, e2e_lr=0.1, e2e_weight_decay=0.0, e2e_attack_steps=10, e2e_n_train=None,

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from rsnn_paper import paper
 from rsnn_paper.ablations import ABLATION_GROUPS, ablation_variants
-from rsnn_paper.baselines import BASELINES, EVAL_FIELDS, ParsevalHook, parseval_retraction, project_simplex
-from rsnn_paper.config import Config, config_from_dict, get_config, parse_overrides, stage_key
+from rsnn_paper.baselines import BASELINES, ParsevalHook, parseval_retraction, project_simplex
+from rsnn_paper.config import config_from_dict, get_config, parse_overrides, stage_key
 from rsnn_paper.models import create_model
 
 
@@ -57,6 +56,7 @@ def test_parseval_hook_on_a_model_is_deterministic_and_touches_wide_linear_rows_
     b = create_model("vgg11", width=0.125)
     b.load_state_dict(a.state_dict())
     before = a.classifier[0].weight.detach().clone()  # 1024 -> 512: wide, 30% of rows
+    last_before = a.classifier[-1].weight.detach().clone()  # 10 outputs: narrow, every row
     with torch.no_grad():
         ParsevalHook(0.004, seed=3)(a)
         ParsevalHook(0.004, seed=3)(b)
@@ -64,8 +64,10 @@ def test_parseval_hook_on_a_model_is_deterministic_and_touches_wide_linear_rows_
         assert torch.equal(p, q)
     changed = (a.classifier[0].weight != before).any(1)
     assert int(changed.sum()) == int(0.3 * 512)
-    last = a.classifier[-1]  # 10 outputs: every row
-    assert last.out_features < 200
+    # the narrow layer is retracted on every row: exactly one full retraction step
+    last = a.classifier[-1].weight.detach()
+    assert (last != last_before).any(1).all()
+    assert torch.allclose(last, parseval_retraction(last_before, 0.004), atol=1e-7)
 
 
 def test_parseval_hook_projects_merge_scalars():
@@ -134,13 +136,18 @@ def _fake_results(robust_snn=0.30, other_snn=0.22, e2e=0.05, ens=0.10, single=0.
                     "pgd_at": {"clean_acc": 0.48, "pgd_acc_train_eps": 0.32}}}
     finetune = {"snns": {"pgd_at": {"n": n, "pgd_acc_train_eps": robust_snn},
                          "clean": {"n": n, "pgd_acc_train_eps": other_snn}}}
-    base = {"n_images": 100, "models": {
-        "finetuned": {"pgd.ensemble_acc": 0.12, "clean_acc": 0.45},
-        "e2e_at": {"pgd.ensemble_acc": e2e, "clean_acc": 0.30},
-        "snn_rat": {"pgd.ensemble_acc": e2e / 2, "clean_acc": 0.28}}}
-    attacks = {"n_images": 100, "whitebox": {"pgd": {"ensemble_acc": ens, "best_single_acc": single,
-                                                     "best_single_source": "pcw_1"},
-                                             "fgsm": {"ensemble_acc": 0.2}},
+    row = lambda acc, clean: {"strong.robust_acc": acc, "strong.converged": True, "pgd.ensemble_acc": acc + 0.05,
+                              "clean_acc": clean}
+    base = {"n_images": 100, "eps": 8 / 255, "models": {
+        "finetuned": row(0.12, 0.45), "e2e_at": row(e2e, 0.30), "snn_rat": row(e2e / 2, 0.28)}}
+    st = lambda acc: {"robust_acc": acc, "converged": True}
+    attacks = {"n_images": 100, "eps": 8 / 255, "eps_train": 2 / 255,
+               "whitebox": {"pgd": {"ensemble_acc": ens + 0.05, "best_single_acc": single + 0.05,
+                                    "best_single_source": "pcw_1"}, "fgsm": {"ensemble_acc": 0.2}},
+               "strong": {**st(ens), "whitebox_acc": ens},
+               "strong_single_source": {**st(single), "source": "pcw_1"},
+               "at_eps_train": {"snn_pgd_at": st(robust_snn), "snn_clean": st(other_snn), "ann_pgd_at": st(0.32),
+                                "ann_clean": st(0.28)},
                "blackbox": {"square_snn": {"robust_acc": 0.2}, "transfer_from_ann": {"robust_acc": 0.25},
                             "square_ann": {"robust_acc": 0.3}}}
     fams = {"gaussian_noise": {"1": 0.4, "5": 0.2}}
@@ -154,7 +161,9 @@ def _fake_results(robust_snn=0.30, other_snn=0.22, e2e=0.05, ens=0.10, single=0.
 def test_claims_are_computed_from_the_numbers():
     R = _fake_results()
     cs = {c.__name__: c(R) for c in paper.CLAIMS}
-    assert all({"claim", "holds", "firm", "numbers"} <= set(c) for c in cs.values())
+    assert all({"claim", "holds", "firm", "numbers", "eps", "protocol", "test", "converged"} <= set(c)
+               for c in cs.values())
+    assert cs["claim_transfer"]["eps"] == "2/255" and cs["claim_vs_e2e"]["eps"] == "8/255"
     assert cs["claim_transfer"]["holds"]  # 0.30 > 0.22 and within 5 points of 0.32
     assert cs["claim_vs_e2e"]["holds"] and cs["claim_vs_e2e"]["numbers"]["robustness_ratio"] == pytest.approx(0.12 / 0.05)
     assert cs["claim_ensemble"]["holds"] and not cs["claim_ensemble"]["firm"]
@@ -166,6 +175,13 @@ def test_claims_are_computed_from_the_numbers():
     R2 = _fake_results()
     R2["attacks"]["blackbox"]["square_snn"]["robust_acc"] = 0.05
     assert not paper.claim_blackbox(R2)["holds"]
+    # a claim resting on an evaluation that did not converge is never firm
+    R3 = _fake_results(robust_snn=0.45, other_snn=0.10)
+    R3["attacks"]["at_eps_train"]["ann_pgd_at"]["robust_acc"] = 0.46
+    assert paper.claim_transfer(R3)["firm"]
+    R3["attacks"]["at_eps_train"]["snn_pgd_at"]["converged"] = False
+    c = paper.claim_transfer(R3)
+    assert c["holds"] and not c["firm"] and c["converged"] is False
 
 
 def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
@@ -173,19 +189,19 @@ def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
     assert paper.claim_vs_e2e(R)["numbers"]["by_eps"] == {}  # results without curves: no by-ε numbers
     curve = lambda *a: {f"{e / 255:.6f}": v for e, v in zip((0, 2, 8), a)}
     m = R["baselines"]["models"]
-    m["finetuned"]["pgd_curve"] = curve(0.45, 0.30, 0.12)
-    m["e2e_at"]["pgd_curve"] = curve(0.30, 0.10, 0.05)
-    m["snn_rat"]["pgd_curve"] = curve(0.28, 0.0, 0.025)
+    m["finetuned"]["strong_curve"] = curve(0.45, 0.30, 0.12)
+    m["e2e_at"]["strong_curve"] = curve(0.30, 0.10, 0.05)
+    m["snn_rat"]["strong_curve"] = curve(0.28, 0.0, 0.025)
     c = paper.claim_vs_e2e(R)
     by = c["numbers"]["by_eps"]
     assert list(by) == ["2/255", "8/255"]  # ε = 0 (clean) is not a robustness comparison
     assert by["2/255"]["ours"]["acc"] == 0.30 and by["2/255"]["ratio"] == pytest.approx(3.0)
     assert c["numbers"]["best_e2e"] == "e2e_at" and c["holds"]  # decided at ε_test as before
-    m["snn_rat"]["pgd_curve"]["0.007843"] = 0.15  # at each ε the comparison is with the stronger baseline there
+    m["snn_rat"]["strong_curve"]["0.007843"] = 0.15  # at each ε the comparison is with the stronger baseline there
     by = paper.claim_vs_e2e(R)["numbers"]["by_eps"]
     assert by["2/255"]["e2e_model"] == "snn_rat" and by["2/255"]["ratio"] == pytest.approx(2.0)
     assert by["8/255"]["e2e_model"] == "e2e_at"
-    m["e2e_at"]["pgd_curve"]["0.007843"] = m["snn_rat"]["pgd_curve"]["0.007843"] = 0.0
+    m["e2e_at"]["strong_curve"]["0.007843"] = m["snn_rat"]["strong_curve"]["0.007843"] = 0.0
     assert "ratio" not in paper.claim_vs_e2e(R)["numbers"]["by_eps"]["2/255"]  # never inf or NaN
 
 
@@ -194,7 +210,8 @@ def test_main_eps_curve_is_rendered_with_intervals(tmp_path, monkeypatch):
     monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
     curve = {f"{e / 255:.6f}": a for e, a in ((0, 0.4), (4, 0.2), (8, 0.1))}
     row = lambda label: {"label": label, "clean_acc": 0.4, "fgsm.ensemble_acc": 0.2, "pgd.ensemble_acc": 0.1,
-                         "apgd.ensemble_acc": 0.1, "train_time_s": 1.0, "pgd_curve": curve}
+                         "apgd.ensemble_acc": 0.1, "strong.robust_acc": 0.08, "strong.converged": True,
+                         "train_time_s": 1.0, "strong_curve": curve}
     cost = {"T": 4, "mean_spike_rate": 0.1, "spike_rates": {"l1": 0.1, "l2": 0.2}, "energy_ratio": 0.2,
             "snn": {"ac": 1e6, "mac": 1e5}, "ann": {"mac": 2e6}}
     out = {"scale": "ci", "dataset": "d", "test_dataset": "t", "n_images": 100, "eps": 8 / 255, "T": 4,
@@ -204,7 +221,7 @@ def test_main_eps_curve_is_rendered_with_intervals(tmp_path, monkeypatch):
     assert [p.name for p in paths] == ["main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     for m in out["models"].values():
-        del m["pgd_curve"]  # results written before the curves: no figure, and render_all names it as missing
+        del m["strong_curve"]  # results written before the curves: no figure, and render_all names it as missing
     assert "main_eps_curve.png" not in [p.name for p in render_baselines(out)]
 
 
@@ -270,7 +287,6 @@ def test_variant_keys_are_distinct_and_shared_by_the_proposed_rows():
 
 def test_run_parallel_runs_notebook_functions_here():
     from rsnn_paper.training import run_parallel
-    import __main__
     def local(v):
         return v + 1
     local.__module__ = "__main__"  # as a function defined in a notebook: spawned workers could not import it

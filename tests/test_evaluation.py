@@ -1,0 +1,136 @@
+"""The evaluation is an upper bound: best-iterate success in every iterative attack, the strong protocol, and its
+convergence check (paper §4: robustness is only as good as the strongest attack tried)."""
+
+import pytest
+import torch
+from torch import nn
+
+import rsnn_paper.attacks as A
+
+
+class Band(nn.Module):
+    """A 2-class model on images whose mean brightness m decides the class: class 1 (wrong for label 0) wins only
+    while m lies in a narrow band; its gradient always pushes m up. PGD without random start therefore walks m up
+    through the band (fooled there) and out again (correct at its last iterate)."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+        self.num_classes = 2
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1)
+        inside = ((m > self.lo) & (m < self.hi)).float()
+        value = torch.stack([1 - 2 * inside, 2 * inside - 1], 1)  # class 1 wins inside the band
+        push = torch.stack([-m, m], 1)  # straight-through gradient: raise m to raise class 1
+        return value + (push - push.detach())
+
+
+def test_pgd_reports_an_earlier_success_when_the_last_iterate_is_correct():
+    model = Band(0.525, 0.545)
+    x = torch.full((3, 1, 2, 2), 0.5)
+    y = torch.zeros(3, dtype=torch.long)
+    rec = {}
+    x_adv = A.pgd(model, x, y, eps=0.1, steps=10, alpha=0.01, random_start=False, record=rec)
+    m_last = 0.5 + 10 * 0.01
+    assert not (m_last > model.lo and m_last < model.hi)  # the last iterate is correct ...
+    assert (model(x_adv).argmax(1) != y).all()  # ... but the attack returns the earlier, fooling iterate
+    assert rec["iterate"].tolist() == [3, 3, 3] and rec["restart"].tolist() == [0, 0, 0]
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_run_ensemble_counts_best_iterate_breaks_and_records_the_iterate():
+    model = Band(0.525, 0.545)
+    x = torch.full((4, 1, 2, 2), 0.5)
+    y = torch.zeros(4, dtype=torch.long)
+    fn = lambda m, x, y, eps, generator=None, record=None: A.pgd(m, x, y, eps, steps=10, alpha=0.01,
+                                                                  random_start=False, record=record)
+    res = A.run_ensemble(model, x, y, fn, 0.1, sources=("pcw_1",), progress=False, sanity=False)
+    assert res["clean_acc"] == 1.0 and res["ensemble_acc"] == 0.0
+    assert res["broken_by"] == [["pcw_1", 3, 0]] * 4
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "rfgsm"])
+def test_other_iterative_attacks_keep_their_first_success(name):
+    # clean images are correct; random starts land in the band for some, and later steps leave it again
+    model = Band(0.505, 0.56)
+    x = torch.full((8, 1, 4, 4), 0.5)
+    y = torch.zeros(8, dtype=torch.long)
+    rec = {}
+    x_adv = A.ATTACKS[name](model, x, y, 0.2, generator=torch.Generator().manual_seed(0), record=rec)
+    fooled = model(x_adv).argmax(1) != y
+    assert (model(x).argmax(1) == y).all()
+    assert ((rec["iterate"] >= 0) == fooled).all()  # every recorded success is returned, and only those
+    assert fooled.any()
+
+
+# ---------------------------------------------------------------- the strong protocol
+from rsnn_paper.config import get_config
+from rsnn_paper.evaluation import (convergence_stages, paper_stages, run_protocol, stage, strong, strong_stages,
+                                   whitebox)
+from rsnn_paper.models import create_model
+from rsnn_paper.store import ArtifactStore
+
+
+def _tiny(T=2, seed=0):
+    torch.manual_seed(seed)
+    net = create_model("vgg11", width=1 / 16, threshold=0.3).eval()
+    net.T = T
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(24, 3, 32, 32, generator=g)
+    y = A.true_logits(net, x).argmax(1)  # every image clean-correct
+    return net, x, y
+
+
+SMALL = dict(eval_pgd_steps=3, apgd_steps=3, strong_steps=5, strong_restarts=1, strong_targets=2, square_queries=20)
+
+
+def test_strong_protocol_is_never_weaker_per_image_than_the_paper_protocol():
+    net, x, y = _tiny()
+    cfg = get_config("ci", **SMALL)
+    srcs = ("pcw_1", "rect_1", "ann")
+    paper = [A.run_ensemble(net, x, y, s.attack, 2 / 255, sources=srcs, progress=False, sanity=False, **s.kw)
+             for s in paper_stages(cfg)]
+    st = run_protocol(net, x, y, strong_stages(cfg), 2 / 255, sources=srcs, prior=paper, check=convergence_stages(cfg),
+                      sanity=False, long_sources=2)
+    rows = [r for r in st["per_stage"] if r.get("kind") == "stage"]
+    assert [len(r["sources"]) for r in rows] == [3, 3, 2, 2, 2, 0]  # the long attacks: the 2 strongest sources
+    for r in paper:
+        assert all(p or not s for s, p in zip(st["robust"], r["robust"])), r["attack"]
+    assert st["robust_acc"] <= min(r["ensemble_acc"] for r in paper)
+    broken = [i for i, r in enumerate(st["robust"]) if not r]
+    assert all(st["broken_by"][i] is not None for i in broken)  # every break says which stage/source/iterate
+    assert all(st["broken_by"][i] is None for i, r in enumerate(st["robust"]) if r)
+    assert st["per_stage"][-1]["robust_acc"] >= st["robust_acc"] - 1e-12
+
+
+def test_convergence_flag_trips_when_the_protocol_is_cut_to_one_weak_step():
+    net, x, y = _tiny(T=0)
+    weak = (stage("pgd", steps=1, alpha=1e-4),)
+    with pytest.warns(A.UnreliableEvaluationWarning, match="not converged"):
+        res = run_protocol(net, x, y, weak, 8 / 255, sources=("pcw_1",), check=(stage("apgd-ce", steps=20),),
+                           sanity=False)
+    assert res["converged"] is False and res["reliable"] is False
+    assert res["convergence"]["newly_broken"] > 0.01 * len(y)
+    assert res["robust_acc"] < res["before_check_acc"]  # what the check broke still counts
+    ok = run_protocol(net, x, y, (stage("apgd-ce", steps=20),), 1.0, sources=("pcw_1",),
+                      check=(stage("apgd-ce", steps=20),), sanity=False)
+    assert ok["converged"] is True and ok["robust_acc"] == 0.0
+
+
+def test_cached_evaluations_are_keyed_by_the_images_and_every_attack_parameter(tmp_path):
+    net, x, y = _tiny(T=0)
+    store = ArtifactStore(tmp_path)
+    cfg = get_config("ci", **SMALL)
+    a = whitebox(net, "model-key", x[:12], y[:12], "pgd", 8 / 255, cfg, store, sources=("pcw_1",))
+    y_other = (y[12:] + 1) % 10  # other images and labels: every clean prediction is now wrong
+    b = whitebox(net, "model-key", x[12:], y_other, "pgd", 8 / 255, cfg, store, sources=("pcw_1",))
+    assert a["clean_acc"] == 1.0 and b["clean_acc"] == 0.0  # never served the result cached for other images
+    c = whitebox(net, "model-key", x[:12], y[:12], "pgd", 8 / 255, cfg.replace(eval_pgd_steps=4), store,
+                 sources=("pcw_1",))
+    assert c["attack_kwargs"]["steps"] == 4
+    s1 = strong(net, "model-key", x[:12], y[:12], 8 / 255, cfg, store, sources=("pcw_1",), quiet=True)
+    s2 = strong(net, "model-key", x[:12], y[:12], 8 / 255, cfg.replace(strong_steps=6), store, sources=("pcw_1",),
+                quiet=True)
+    assert any("steps=6" in s for s in s2["stages"]) and not any("steps=6" in s for s in s1["stages"])
+    assert len(list(tmp_path.glob("strong-*.json"))) == 2
