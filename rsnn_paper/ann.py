@@ -4,12 +4,10 @@
 
 # %% ../nbs/10_ann_training.ipynb #e73d534b
 from __future__ import annotations
-import os
 from typing import Optional, Sequence
 
-import torch
 
-from .config import Config, get_config, stage_key
+from .config import Config, stage_key
 from .models import create_model
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
 from .training import TrainStep, accuracy, fit, load_splits, resolve_device, run_parallel, seed_from_key, seeded

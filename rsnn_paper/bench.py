@@ -24,7 +24,8 @@ from .neurons import integrate_and_fire
 from .training import seeded
 
 # %% auto #0
-__all__ = ['peak_memory_bytes', 'time_interleaved', 'run_benchmark', 'format_report', 'main']
+__all__ = ['DATASET_SIZES', 'peak_memory_bytes', 'time_interleaved', 'run_benchmark', 'format_report', 'main', 'measure_stages',
+           'project', 'format_projection', 'project_main']
 
 # %% ../nbs/90_bench.ipynb #5f1f2394
 def _sync(device) -> None:
@@ -204,7 +205,7 @@ def run_benchmark(widths: Sequence[float] = (1 / 8, 1.0), batch: int = 32, T: in
                   verbose: bool = True) -> dict:
     """Time (and measure the peak memory of) the rows of the table above for VGG-11 at each width; returns a dict
     with the settings, per-width results and the three ratios of the largest width. `quick`: width 1/8 only.
-    `compile`: use `torch.compile`d step kernels in the fused rows (default: the process setting, `RSNN_COMPILE`)."""
+    `compile`: use `torch.compile`d step kernels in the fused rows (default: the setting in force, see `fused.runtime`)."""
     if quick:
         widths = (1 / 8,)
     widths = tuple(sorted(widths))
@@ -298,7 +299,163 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_report(res), flush=True)
     return 0
 
+# %% ../nbs/90_bench.ipynb #de5156e6
+DATASET_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032),
+                 "tinyimagenet": (100000, 10000)}
+
+
+def _sizes(name: str) -> tuple[int, int]:
+    "(train, test) images of dataset `name` at full size (a variant such as `cifar10-jpeg` counts as `cifar10`)."
+    return next((v for k, v in DATASET_SIZES.items() if name.replace("-", "").startswith(k)), (50000, 10000))
+
+
+def _time(fn, repeats: int, device) -> float:
+    fn(); _sync(device)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_stages(cfg, batch: int = 32, repeats: int = 3, quick: bool = False, device=None) -> dict:
+    """Seconds per image of one step of every stage under `cfg` (its arch, width, T, ε, attack steps): `ann`, `ft`,
+    `e2e_at`, `snn_rat`, `apgd`, and `pgd` (one PGD step per gradient source)."""
+    from rsnn_paper.attacks import apgd, eval_mode
+    from rsnn_paper.baselines import ParsevalHook
+    from rsnn_paper.models import INPUT_SIZE, create_model
+    from rsnn_paper.surrogates import GRADIENT_SOURCES, gradient_source
+    from rsnn_paper.training import TrainStep
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quick:
+        batch, repeats = 2, 1
+    K = {"cifar100": 100, "tinyimagenet": 200}.get(cfg.dataset.split("-")[0], 10)
+    side = INPUT_SIZE.get(cfg.arch, 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, side, side, generator=g).to(device)
+    y = torch.randint(0, K, (batch,), generator=g).to(device)
+    torch.manual_seed(0)
+    model = create_model(cfg.arch, num_classes=K, width=cfg.width).to(device)
+
+    def train(T, objective, steps, hook=None, **kw):
+        model.T = T
+        step = TrainStep(model, objective, eps=cfg.eps_train, steps=steps, **kw)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+        def run():
+            model.train()
+            loss, _ = step(x, y, generator=torch.Generator().manual_seed(1))
+            opt.zero_grad(); loss.backward(); opt.step()
+            if hook is not None:
+                with torch.no_grad():
+                    hook(model)
+        return _time(run, repeats, device) / batch
+
+    def attack_steps(k):  # the steps to time, and the factor to the paper's k steps ((k+1)/(k'+1) passes)
+        return (1, (k + 1) / 2) if quick else (k, 1.0)
+    out = {}
+    k, f = attack_steps(cfg.train_attack_steps)
+    out["ann"] = train(0, "pgd_at", k) * f
+    out["ft"] = train(cfg.T, cfg.ft_objective if cfg.ft_objective != "none" else "kl_ce", cfg.ft_pgd_steps,
+                      alpha=cfg.ft_alpha, beta=cfg.ft_beta, adversary=cfg.ft_adversary)
+    k, f = attack_steps(cfg.e2e_attack_steps)
+    out["e2e_at"] = train(cfg.T, "pgd_at", k) * f
+    out["snn_rat"] = train(cfg.T, "fgsm_at", 1, hook=ParsevalHook(cfg.rat_beta, cfg.seed))
+    model.T = cfg.T
+    xa = x.clone().requires_grad_(True)
+    pgd = {}
+    with eval_mode(model):
+        timed = {}  # with `quick`, one source per kind (a kind's sources differ only in γ: the same cost)
+        for s in GRADIENT_SOURCES:
+            if quick and s.kind in timed:
+                pgd[s.name] = timed[s.kind]
+                continue
+
+            def one():
+                with gradient_source(s):
+                    l = torch.nn.functional.cross_entropy(model(xa), y)
+                    torch.autograd.grad(l, xa)
+            pgd[s.name] = timed[s.kind] = _time(one, repeats, device) / batch
+        gen = lambda: torch.Generator().manual_seed(0)
+        out["apgd"] = _time(lambda: apgd(model, x, y, cfg.eps_test, steps=2, generator=gen()), repeats,
+                            device) / batch / 3  # an initial evaluation and 2 steps
+    out["pgd"] = pgd
+    return {"batch": batch, "repeats": repeats, "device": str(device), "quick": quick, "sec_per_image": out}
+
+
+def project(cfg, measured: dict, devices: int = 1) -> dict:
+    "The projected wall time (seconds) of every stage of `cfg` from `measure_stages`'s numbers (see the formulas)."
+    t = measured["sec_per_image"]
+    n_train_full, n_test_full = _sizes(cfg.dataset)[0], _sizes(cfg.test_dataset)[1]
+    n_train = (cfg.n_train if cfg.n_train is not None else n_train_full) - cfg.n_val
+    n_ft = min(cfg.ft_n_train or n_train, n_train)
+    n_e2e = min(cfg.e2e_n_train or n_train, n_train)
+    n_eval = min(cfg.n_eval or cfg.n_test or n_test_full, cfg.n_test or n_test_full)
+    pgd_sum = sum(t["pgd"].values())
+    strong_steps = cfg.eval_pgd_steps + 1 + cfg.strong_steps * (1 + cfg.strong_targets + cfg.strong_restarts)
+    stages = {
+        "ann_pgd_at": {"formula": "ann_epochs × N_train × t_ann", "work": [cfg.ann_epochs, n_train],
+                       "seconds": cfg.ann_epochs * n_train * t["ann"]},
+        "finetune_kl_ce": {"formula": "ft_epochs × N_ft × t_ft", "work": [cfg.ft_epochs, n_ft],
+                           "seconds": cfg.ft_epochs * n_ft * t["ft"]},
+        "e2e_at": {"formula": "e2e_epochs × N_e2e × t_e2e_at", "work": [cfg.e2e_epochs, n_e2e],
+                   "seconds": cfg.e2e_epochs * n_e2e * t["e2e_at"]},
+        "snn_rat": {"formula": "e2e_epochs × N_e2e × t_snn_rat", "work": [cfg.e2e_epochs, n_e2e],
+                    "seconds": cfg.e2e_epochs * n_e2e * t["snn_rat"]},
+        "paper_protocol_x3": {"formula": "3 SNNs × N_eval × (1 + eval_pgd_steps + apgd_steps) × Σ_s t_pgd(s)",
+                              "work": [3, n_eval, 1 + cfg.eval_pgd_steps + cfg.apgd_steps],
+                              "seconds": 3 * n_eval * (1 + cfg.eval_pgd_steps + cfg.apgd_steps) * pgd_sum},
+        "strong_protocol_x3_upper_bound": {
+            "formula": "3 SNNs × N_eval × ((eval_pgd_steps + 1 + strong_steps·(1 + strong_targets + strong_restarts))"
+                       " × Σ_s t_pgd(s) + conv_sources × 4·strong_steps·(1 + strong_restarts) × t_apgd)",
+            "work": [3, n_eval, strong_steps],
+            "seconds": 3 * n_eval * (strong_steps * pgd_sum + cfg.conv_sources * 4 * cfg.strong_steps
+                                     * (1 + cfg.strong_restarts) * t["apgd"])},
+    }
+    total = sum(s["seconds"] for s in stages.values())
+    return {"scale": cfg.scale, "arch": cfg.arch, "dataset": cfg.dataset, "width": cfg.width, "T": cfg.T,
+            "devices": devices, "scaling": "ideal (time / devices)", "measured": measured,
+            "n": {"train": n_train, "ft": n_ft, "e2e": n_e2e, "eval": n_eval},
+            "stages": stages, "total_seconds": total,
+            "total_seconds_n_devices": total / devices}
+
+
+def _hms(s: float) -> str:
+    h = s / 3600
+    return f"{h / 24:.1f} d" if h >= 48 else f"{h:.1f} h" if h >= 1 else f"{s / 60:.1f} min"
+
+
+def format_projection(p: dict) -> str:
+    "The projection as a Markdown table (one device, and N devices with ideal scaling)."
+    N = p["devices"]
+    m = p["measured"]
+    lines = [f"Projected wall time of scale {p['scale']} ({p['arch']}, width {p['width']}, T={p['T']}, {p['dataset']}; "
+             f"measured on {m['device']} at batch {m['batch']}{', quick' if m['quick'] else ''}; "
+             f"{N} devices = ideal scaling)", "",
+             f"| stage | formula | 1 device | {N} devices |", "|---|---|---|---|"]
+    for k, s in p["stages"].items():
+        lines.append(f"| {k} | {s['formula']} | {_hms(s['seconds'])} | {_hms(s['seconds'] / N)} |")
+    lines.append(f"| **total** | | **{_hms(p['total_seconds'])}** | **{_hms(p['total_seconds_n_devices'])}** |")
+    return "\n".join(lines)
+
+
+def project_main(scale: str = "paper", devices: int = 1, quick: bool = False, json_path=None, batch: int = 32,
+                 repeats: int = 3, overrides: Sequence[str] = ()) -> dict:
+    "`rsnn-paper bench --project SCALE`: measure, project, print the table, write the JSON (`json_path`)."
+    from pathlib import Path
+    from rsnn_paper.config import get_config, parse_overrides
+    cfg = get_config(scale, **parse_overrides(list(overrides)))
+    p = project(cfg, measure_stages(cfg, batch, repeats, quick, None if cfg.device == "auto" else cfg.device), devices)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(p, indent=1))
+    print(format_projection(p), flush=True)
+    return p
+
 # %% ../nbs/90_bench.ipynb #ee58413c
 #| eval: false
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m rsnn_paper.bench`: the time-loop settings of the environment, as `rsnn-paper`
+    from rsnn_paper.cli import runtime_from_env
+    with fused.runtime(**runtime_from_env()):
+        code = main()
+    sys.exit(code)

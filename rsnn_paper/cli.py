@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from .store import (ArtifactStore, CheckpointMismatchError, UserError, artifacts
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_render',
-           'cmd_bench', 'cmd_compare', 'build_parser', 'main']
+           'cmd_bench', 'cmd_compare', 'build_parser', 'runtime_from_env', 'main']
 
 # %% ../nbs/30_cli.ipynb #25cefd18
 def _sections():
@@ -157,6 +158,10 @@ def cmd_render(args) -> int:
 
 def cmd_bench(args) -> int:
     from rsnn_paper import bench
+    if getattr(args, "project", None):  # the projected wall time of a scale, from one timed step per stage
+        bench.project_main(args.project, args.devices, args.quick,
+                           args.json or f"results/bench/projection-{args.project}.json", overrides=args.set or ())
+        return 0
     return bench.main(["--quick"] if args.quick else []) or 0
 
 
@@ -249,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--readme", action="store_true", help="also put the main and claims tables into README.md")
     rd.set_defaults(func=cmd_render)
     b = sub.add_parser("bench", help="speed and memory of the spiking time loop (prints ratios; asserts nothing)")
-    b.add_argument("--quick", action="store_true", help="width 1/8 only")
+    b.add_argument("--quick", action="store_true", help="width 1/8 only; with --project: batch 2, one timed step (CI)")
+    b.add_argument("--project", metavar="SCALE", default=None,
+                   help="time one step of every stage at SCALE's settings (width, T, attacks) and print the projected "
+                        "wall time of that scale per stage and in total (e.g. --project paper)")
+    b.add_argument("--devices", type=int, default=1, help="with --project: also project N devices (ideal scaling)")
+    b.add_argument("--json", default=None, help="with --project: write the projection to this JSON file "
+                   "(default results/bench/projection-SCALE.json)")
+    b.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="with --project: overrides")
     b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     b.set_defaults(func=cmd_bench)
     c = run_args(sub.add_parser("compare", help="print, key by key, how far a run's summary.json is from the "
@@ -274,13 +286,34 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+def runtime_from_env(environ: Optional[dict] = None) -> dict:
+    """The time-loop settings asked for in the environment, as `fused.runtime` takes them: `RSNN_IF_IMPL`
+    (`fused`, the default, or `reference`) and `RSNN_COMPILE` (`1`/`true`/`yes`/`on`: `torch.compile` the step
+    kernels). Only the command line reads them (`main`, once); the library reads no environment variable for them."""
+    from rsnn_paper.fused import IMPLEMENTATIONS
+    env = os.environ if environ is None else environ
+    out = {}
+    impl = env.get("RSNN_IF_IMPL", "").strip()
+    if impl:
+        if impl not in IMPLEMENTATIONS:
+            raise UserError(f"RSNN_IF_IMPL={impl!r} is not an implementation; expected one of {', '.join(IMPLEMENTATIONS)}")
+        out["implementation"] = impl
+    compile_ = env.get("RSNN_COMPILE", "").strip().lower()
+    if compile_:
+        out["compile"] = compile_ in ("1", "true", "yes", "on")
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `rsnn-paper` console script. A user error ends it with one line `rsnn-paper: error: …` on
-    stderr and exit code 2 (with `--debug`: the traceback)."""
+    stderr and exit code 2 (with `--debug`: the traceback). The command runs under the time-loop settings of
+    `runtime_from_env()`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        from rsnn_paper.fused import runtime
+        with runtime(**runtime_from_env()):
+            return args.func(args)
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise

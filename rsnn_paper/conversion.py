@@ -5,19 +5,16 @@
 # %% ../nbs/11_conversion.ipynb #9dd2886a
 from __future__ import annotations
 import math
-import os
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Config, config_hash, get_config, stage_key
+from .config import Config, config_hash, stage_key
 from .data import augment, augmentation_for, iterate_batches
 from .models import SpikingNet, create_model
-from .neurons import IFNeuron
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
-from .attacks import eval_mode
 from .training import accuracy, derive_seed, resolve_device
 
 # %% auto #0
@@ -250,7 +247,7 @@ def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> di
     """Convert the PGD-AT ANN (and the clean ANN), measure the converted SNN before finetuning, sweep T and the
     threshold scale, and write `conversion.json` into the run's `results_dir(cfg)` and the section's figures into its
     `figures_dir(cfg)`."""
-    from rsnn_paper.ann import build_ann, write_table
+    from rsnn_paper.ann import build_ann
     from rsnn_paper.data import stratified_indices
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()

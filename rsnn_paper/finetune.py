@@ -4,12 +4,10 @@
 
 # %% ../nbs/12_finetuning.ipynb #16ae8eb2
 from __future__ import annotations
-import os
 from typing import Optional
 
-import torch
 
-from .config import Config, get_config, stage_key
+from .config import Config, stage_key
 from .conversion import threshold_bars, transfer_parameters
 from .models import SpikingNet
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
@@ -63,6 +61,11 @@ def build_finetuned(cfg: Config, converted: SpikingNet, conv_key: str, train, va
     if store.exists(key) and not force:
         sd, meta = store.load(key)
         return load_into(snn, sd, meta, source=f"artifact {key}").eval(), meta
+    if cfg.ft_bn_init not in ("recalibrate", "reset"):
+        raise ValueError(f"unknown ft_bn_init {cfg.ft_bn_init!r}; known: 'recalibrate' (ours), 'reset' (the authors')")
+    if cfg.ft_bn_init == "reset":  # the authors' start: BN running statistics 0/1 (ours: re-estimated on the SNN)
+        from rsnn_paper.conversion import reset_bn_stats
+        reset_bn_stats(snn)
     before = snn.thresholds().tolist()
     rec = finetune(snn, cfg, train, val, store, key, progress)
     meta = {"kind": "finetuned", "parent": conv_key, "arch": snn.arch, "num_classes": snn.num_classes,
@@ -77,7 +80,7 @@ def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict
     """Finetune the SNNs converted from the PGD-AT and the clean ANN with the configured objective, evaluate them
     (clean, PGD by BPTT with the triangle at ε_train and ε_test), write `finetune.json`
     into the run's `results_dir(cfg)`, the table and the figures into its `figures_dir(cfg)`."""
-    from rsnn_paper.ann import build_ann, evaluate_model, write_table
+    from rsnn_paper.ann import build_ann, evaluate_model
     from rsnn_paper.conversion import build_converted
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import contextlib
 import contextvars
-import os
 import types
 import warnings
 from typing import Callable, Iterator, Optional, Union
@@ -14,11 +13,12 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from .surrogates import PCW, GradientSource, Surrogate, resolve_source
+from .surrogates import GradientSource, Surrogate, resolve_source
 
 # %% auto #0
 __all__ = ['IMPLEMENTATIONS', 'RESETS', 'current_implementation', 'set_implementation', 'reset_implementation',
-           'use_implementation', 'set_compile', 'compile_enabled', 'integrate_and_fire_fused']
+           'use_implementation', 'set_compile', 'use_compile', 'runtime_settings', 'runtime', 'compile_enabled',
+           'integrate_and_fire_fused']
 
 # %% ../nbs/02b_fused.ipynb #162c2d9b
 IMPLEMENTATIONS = ("fused", "reference")
@@ -30,9 +30,9 @@ def _check_impl(name: str) -> str:
     return name
 
 
-# the process-wide default: fused, or `RSNN_IF_IMPL=reference` to time a whole run on the reference loop
-_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "rsnn_if_implementation", default=_check_impl(os.environ.get("RSNN_IF_IMPL", "fused").strip() or "fused"))
+# the default is fused; `use_implementation` (or `runtime`, below) selects one for a block. The library reads no
+# environment variable: the `rsnn-paper` command reads `RSNN_IF_IMPL` once and runs under `runtime(...)` of it.
+_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("rsnn_if_implementation", default="fused")
 
 
 def current_implementation() -> str:
@@ -60,18 +60,41 @@ def use_implementation(name: str) -> Iterator[str]:
         _IMPL.reset(token)
 
 # %% ../nbs/02b_fused.ipynb #3db62f40
-def _env_compile() -> bool:
-    v = os.environ.get("RSNN_COMPILE", "0").strip().lower()
-    return v in ("1", "true", "yes", "on")
-
-
-_COMPILE = {"enabled": _env_compile(), "failed": None}
+_COMPILE = {"enabled": False, "failed": None}
 _COMPILED: dict = {}
 
 
 def set_compile(enabled: bool) -> None:
-    "Switch `torch.compile` of the per-step kernels on or off for this process (overrides `RSNN_COMPILE`)."
+    "Switch `torch.compile` of the per-step kernels on or off for this process."
     _COMPILE["enabled"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def use_compile(enabled: bool) -> Iterator[bool]:
+    "Run the enclosed block with compiled step kernels on or off; restores the previous setting on exit."
+    old = _COMPILE["enabled"]
+    set_compile(enabled)
+    try:
+        yield bool(enabled)
+    finally:
+        _COMPILE["enabled"] = old
+
+
+def runtime_settings() -> dict:
+    "The time-loop settings in force here, `{'implementation': ..., 'compile': ...}` (what `runtime` takes)."
+    return {"implementation": current_implementation(), "compile": _COMPILE["enabled"]}
+
+
+@contextlib.contextmanager
+def runtime(implementation: Optional[str] = None, compile: Optional[bool] = None) -> Iterator[dict]:
+    """Run the enclosed block with this integrate-and-fire `implementation` and compile switch (`None`: keep the
+    current one). The worker processes of `training.run_parallel` start with the settings in force when it is called."""
+    with contextlib.ExitStack() as stack:
+        if implementation is not None:
+            stack.enter_context(use_implementation(implementation))
+        if compile is not None:
+            stack.enter_context(use_compile(compile))
+        yield runtime_settings()
 
 
 def compile_enabled() -> bool:

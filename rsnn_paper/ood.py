@@ -4,12 +4,9 @@
 
 # %% ../nbs/16_ood.ipynb #5dcad6e2
 from __future__ import annotations
-import os
-from typing import Optional
 
-import torch
 
-from .config import Config, config_hash, get_config
+from .config import Config, config_hash
 from .store import ArtifactStore, cached_json, figures_dir, results_dir, run_of, update_summary, write_json
 from .training import accuracy, resolve_device
 
@@ -48,7 +45,6 @@ def run_ood_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Accuracy of every model of `OOD_MODELS` on `cfg.n_ood` test images under each corruption family and severity
     (`cfg.ood_severities`); writes `ood.json` and `ood.*` summary keys
     into the run's `results_dir(cfg)`, the table and the figure into its `figures_dir(cfg)`."""
-    from rsnn_paper.attack_section import eval_images
     from rsnn_paper.corruptions import APPROXIMATIONS, CORRUPTIONS, corrupted_dataset
     from rsnn_paper.data import stratified_indices
     from rsnn_paper.training import load_splits

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import contextlib
 import contextvars
-import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -103,7 +102,7 @@ class GradientSource:
 
 SURROGATE_FAMILIES = {"pcw": PCW, "expd": EXPD, "exp": EXP, "rect": RECT, "ste": STE}
 
-#: The evaluation grid of method.md §2, in the paper's order: (family, gammas).
+#: The evaluation grid of the paper's gradient-source ensemble, in the paper's order: (family, gammas).
 SOURCE_GRID = (
     ("pcw", (1.0, 2.0, 3.0, 0.5, 0.25)),
     ("expd", (0.5, 1.0, 2.0)),

@@ -29,10 +29,12 @@ __all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'seed
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
-    "CUDA when present (for `auto`), else CPU."
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """CUDA when present (for `auto`), else CPU. Under `torchrun` (`LOCAL_RANK` set), a CUDA device without an index
+    is this process's GPU, `cuda:LOCAL_RANK`."""
+    d = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if d.type == "cuda" and d.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return d
 
 
 def derive_seed(*parts: int) -> int:
@@ -66,8 +68,22 @@ def _input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return g
 
 
+# (rank, world, local batch) of the data-parallel training step in progress; (0, 1, 0) outside one (see `fit`)
+_SHARD = [0, 1, 0]
+
+
+def _draw(x: torch.Tensor, generator: torch.Generator, normal: bool = False) -> torch.Tensor:
+    """Uniform (or normal) noise of `x`'s shape. Inside a data-parallel step of `fit` (N ranks, each with its share of
+    the global batch), every rank draws the noise of the *global* batch and keeps its own rows: N processes draw
+    exactly the numbers one process draws on the whole batch."""
+    r, w, _ = _SHARD
+    shape = (x.shape[0] * w, *x.shape[1:])
+    t = (torch.randn if normal else torch.rand)(shape, generator=generator)
+    return (t[r * x.shape[0]:(r + 1) * x.shape[0]] if w > 1 else t).to(x.device)
+
+
 def _randn(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator).to(x.device)
+    return _draw(x, generator, normal=True)
 
 
 def pgd_train_adversary(model, x, y, eps, steps, alpha=None, loss="ce", p_log_clean=None, start="uniform",
@@ -76,7 +92,7 @@ def pgd_train_adversary(model, x, y, eps, steps, alpha=None, loss="ce", p_log_cl
     `start` "uniform" (in the ε-ball) or "normal" (x + 0.001·N(0, I), TRADES/MART)."""
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if start == "uniform":
-        delta = (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1) * eps
+        delta = (_draw(x, generator) * 2 - 1) * eps
     else:
         delta = 0.001 * _randn(x, generator)
     x_adv = (x + delta).clamp(0, 1).detach()
@@ -192,6 +208,68 @@ def _barrier():
     if dist.is_initialized():
         dist.barrier()
 
+
+def _global_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    "`BatchNorm2d.forward` with the global batch's statistics (all ranks) in train mode; the usual one in eval mode."
+    if not self.training or not (dist.is_initialized() and dist.get_world_size() > 1):
+        return type(self).forward(self, x)
+    from torch.distributed.nn.functional import all_reduce
+    C, dims = x.shape[1], [0, *range(2, x.dim())]
+    n = torch.tensor([x.numel() / C], dtype=x.dtype, device=x.device)
+    s = all_reduce(torch.cat([x.sum(dims), n]))  # differentiable: the backward sums the ranks' gradients
+    N = s[C]
+    mean = s[:C] / N
+    var = all_reduce((x - mean.view(1, C, *[1] * (x.dim() - 2))).pow(2).sum(dims)) / N  # two-pass, as native BN
+    if self.track_running_stats and self.running_mean is not None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (N / (N - 1)), alpha=m)
+    shape = (1, C, *[1] * (x.dim() - 2))
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _global_dropout(self, x: torch.Tensor) -> torch.Tensor:
+    """`Dropout.forward` whose mask is this rank's rows of the global batch's mask ([T·B_global, ...] drawn from the
+    global RNG exactly as `F.dropout` does on CPU, rows t·B + b), inside a data-parallel step of `fit`."""
+    r, w, b = _SHARD
+    if not self.training or self.p == 0 or w == 1 or not b or x.shape[0] % b:
+        return type(self).forward(self, x)
+    T = x.shape[0] // b
+    mask = torch.empty((T, b * w, *x.shape[1:]), dtype=x.dtype).bernoulli_(1 - self.p)
+    mask = mask[:, r * b:(r + 1) * b].reshape(x.shape).div_(1 - self.p).to(x.device)
+    return x * mask
+
+
+@contextlib.contextmanager
+def _data_parallel(model: nn.Module, world: int) -> Iterator[None]:
+    "With `world > 1`: global-batch BN and dropout in `model` (instance-level forwards) for the block; else nothing."
+    patched = []
+    if world > 1:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and not isinstance(m, nn.SyncBatchNorm):
+                m.forward = _global_batch_norm.__get__(m); patched.append(m)
+            elif isinstance(m, nn.Dropout):
+                m.forward = _global_dropout.__get__(m); patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+@contextlib.contextmanager
+def _sharded(rank: int, world: int, local_bs: int) -> Iterator[None]:
+    "Mark a data-parallel training step (see `_draw`, `_global_dropout`)."
+    old = list(_SHARD)
+    _SHARD[:] = [rank, world, local_bs]
+    try:
+        yield
+    finally:
+        _SHARD[:] = old
+
 # %% ../nbs/07_training.ipynb #877fafa9
 def _load_resume(path, model: nn.Module, opt, sched) -> dict:
     "Load a resume file into the model, optimiser and scheduler; returns its state. A bad file is an error naming it."
@@ -230,9 +308,14 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
     the model ends with the selected weights."""
     if select not in ("clean", "robust"):
         raise ValueError(f"select must be 'clean' or 'robust', got {select!r}")
-    device = torch.device(device)
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     model = step.model.to(device)
     rank, world = _dist_setup(device)
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {world} processes: every rank takes an "
+                         f"equal share of each global batch")
     runner = step
     if world > 1:
         # the thresholds of an ANN (T = 0) take no part in its loss, hence find_unused_parameters
@@ -253,25 +336,27 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
         aug.update(crop_padding=crop_padding, resized_crop=False)
     if flip is not None:
         aug["flip"] = flip
-    local_bs = max(1, batch_size // world)
+    local_bs = batch_size // world
     for epoch in range(state["epoch"] + 1, epochs + 1):
         t0 = time.time()
         g = torch.Generator().manual_seed(derive_seed(seed, epoch))        # same permutation on every rank
-        g_local = torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 1))  # augmentation and attack noise
+        # augmentation and attack noise: the same stream on every rank, drawn for the global batch (see `_draw`)
+        g_local = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 1))
         model.train()
         tot_loss = tot_correct = tot_n = 0.0
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(seed, epoch, rank, 2))  # dropout masks, scoped to this epoch
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _data_parallel(model, world):
+            torch.manual_seed(derive_seed(seed, epoch, 0, 2))  # dropout masks, scoped to this epoch
             batches = iterate_batches(train_ds, batch_size, shuffle=True, generator=g, drop_last=True, device=device)
             n_batches = len(train_ds) // batch_size
             bar = tqdm(batches, total=n_batches, disable=not progress or rank != 0, leave=False,
                        desc=f"{desc} {epoch}/{epochs}")
             beat = time.time()
             for i, (x, y) in enumerate(bar, 1):
+                x = augment(x, g_local, **aug, fill=fill)  # the global batch's augmentation, then this rank's rows
                 if world > 1:
                     x, y = x[rank * local_bs:(rank + 1) * local_bs], y[rank * local_bs:(rank + 1) * local_bs]
-                x = augment(x, g_local, **aug, fill=fill)
-                loss, logits = runner(x, y, generator=g_local)
+                with _sharded(rank, world, local_bs):
+                    loss, logits = runner(x, y, generator=g_local)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: the loss became {loss.item()} at epoch {epoch}; lower the "
                                              f"learning rate — earlier epochs' checkpoint is kept in {resume}")
@@ -281,6 +366,9 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
                 if param_hook is not None:
                     with torch.no_grad():
                         param_hook(model)
+                        if world > 1:  # every rank ran the same hook; rank 0's result is the one kept
+                            for p in model.parameters():
+                                dist.broadcast(p.data, 0)
                 tot_loss += loss.item() * len(y); tot_n += len(y)
                 tot_correct += (logits.argmax(1) == y).sum().item()
                 bar.set_postfix(loss=f"{tot_loss / tot_n:.3f}", acc=f"{tot_correct / tot_n:.3f}")
@@ -349,10 +437,15 @@ def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="rsnn-parent-watchdog", daemon=True).start()
 
 
-def _worker_init(parent_pid: int) -> None:
-    "Initializer of `run_parallel`'s workers: one thread each, and they die with their parent."
+def _worker_init(parent_pid: int, settings: Optional[dict] = None) -> None:
+    """Initializer of `run_parallel`'s workers: one thread each, they die with their parent, and they run the time
+    loop as the parent did (`settings`: the parent's `fused.runtime_settings()`)."""
     torch.set_num_threads(1)
     _die_with_parent(parent_pid)
+    if settings:
+        from rsnn_paper.fused import set_compile, set_implementation
+        set_implementation(settings["implementation"])
+        set_compile(settings["compile"])
 
 
 def _importable(f) -> bool:
@@ -366,7 +459,8 @@ def run_parallel(jobs: list, workers: int = 1) -> list:
         return [f(*a) for f, a in jobs]
     import concurrent.futures as cf
     import multiprocessing as mp
+    from rsnn_paper.fused import runtime_settings
     with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                initializer=_worker_init, initargs=(os.getpid(),)) as ex:
+                                initializer=_worker_init, initargs=(os.getpid(), runtime_settings())) as ex:
         futures = [ex.submit(f, *a) for f, a in jobs]
         return [fu.result() for fu in futures]  # a job's exception is raised here, with its traceback

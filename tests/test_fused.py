@@ -245,3 +245,60 @@ def test_whole_model_gradients(channels_last):
         assert g_ref["input"].abs().max() > 0
         for k in g_ref:
             assert close(g_ref[k], g_fus[k], 1e-4), f"{source} {k}: {(g_ref[k] - g_fus[k]).abs().max()}"
+
+
+# ---------------------------------------------------------------- time-loop settings: chosen explicitly, not at import
+def test_importing_reads_no_environment_variable():
+    "RSNN_IF_IMPL / RSNN_COMPILE in the environment change nothing in the library; only the command line reads them."
+    import os
+    import subprocess
+    import sys
+    code = ("import rsnn_paper.fused as f, rsnn_paper.neurons, rsnn_paper.training; "
+            "print(f.current_implementation(), f.compile_enabled())")
+    env = {**os.environ, "RSNN_IF_IMPL": "reference", "RSNN_COMPILE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fused", "False"]
+
+
+def test_runtime_context_sets_and_restores():
+    before = fused.runtime_settings()
+    assert before == {"implementation": "fused", "compile": False}
+    with fused.runtime(implementation="reference", compile=True) as s:
+        assert s == {"implementation": "reference", "compile": True} == fused.runtime_settings()
+        assert current_implementation() == "reference"
+        with fused.runtime(compile=False):  # None keeps the other setting
+            assert fused.runtime_settings() == {"implementation": "reference", "compile": False}
+    assert fused.runtime_settings() == before
+    with pytest.raises(ValueError, match="unknown implementation"), fused.runtime(implementation="cuda"):
+        pass
+
+
+def test_cli_reads_the_environment_once_and_sets_the_context(monkeypatch):
+    from rsnn_paper import cli
+    from rsnn_paper.store import UserError
+    assert cli.runtime_from_env({}) == {}
+    assert cli.runtime_from_env({"RSNN_IF_IMPL": "reference", "RSNN_COMPILE": "0"}) == \
+        {"implementation": "reference", "compile": False}
+    assert cli.runtime_from_env({"RSNN_COMPILE": "yes"}) == {"compile": True}
+    with pytest.raises(UserError, match="RSNN_IF_IMPL='loop'"):
+        cli.runtime_from_env({"RSNN_IF_IMPL": "loop"})
+    import argparse
+    seen = []
+    parser = argparse.ArgumentParser()  # a command that records the settings it runs under
+    parser.add_argument("command")
+    parser.set_defaults(func=lambda args: seen.append(fused.runtime_settings()) or 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setenv("RSNN_IF_IMPL", "reference")
+    monkeypatch.setenv("RSNN_COMPILE", "1")
+    assert cli.main(["record"]) == 0
+    assert seen == [{"implementation": "reference", "compile": True}]
+    assert fused.runtime_settings() == {"implementation": "fused", "compile": False}  # restored after the command
+    monkeypatch.setenv("RSNN_IF_IMPL", "loop")
+    assert cli.main(["record"]) == 2  # a bad value is a one-line user error
+
+
+def test_parallel_workers_run_with_the_parents_settings():
+    from rsnn_paper.training import run_parallel
+    with fused.runtime(implementation="reference"):
+        got = run_parallel([(fused.runtime_settings, ()), (fused.runtime_settings, ())], workers=2)
+    assert got == [{"implementation": "reference", "compile": False}] * 2

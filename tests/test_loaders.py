@@ -3,7 +3,6 @@ CIFAR-100 (python pickles), SVHN (.mat), Tiny ImageNet (the tiny-imagenet-200 fo
 carries its class count, normalisation and augmentation, and the stages take them from it."""
 import pickle
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

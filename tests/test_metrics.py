@@ -157,7 +157,6 @@ def _brute_force(x, T):
     # layer 1: 1x1 conv, weights (1, 0.5), same current at every step (direct coding)
     res = {"spikes": {}, "neurons": {}}
     ac_conv2 = ac_fc1 = ac_fc2 = 0
-    spikes2_all = []
     for b in range(B):
         cur1 = [img[b][0][y][xx] * w for w in (1.0, 0.5) for y in range(H) for xx in range(W)]
         s1 = _if_loop([cur1] * T)  # [T][2*H*W], index c*H*W + y*W + x
