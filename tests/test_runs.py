@@ -69,7 +69,7 @@ from rsnn_paper.models import create_model
 from rsnn_paper.store import ArtifactStore
 from rsnn_paper.training import TrainStep, fit
 
-EPOCHS = 4
+EPOCHS = 30  # long enough that no job can finish between the first resume files and the kill
 
 
 def job(root, key):
@@ -134,7 +134,7 @@ def test_workers_die_with_their_parent_and_the_rerun_resumes(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for k in "ab":
         assert f"{k} resumed from epoch " in out.stdout, out.stdout
-        assert f"job {k} epoch 4/4" in out.stdout  # one line per epoch with progress off
+        assert f"job {k} epoch 30/30" in out.stdout  # one line per epoch with progress off
     for k in "ab":
         a, _ = ArtifactStore(killed).load(k)
         b, _ = ArtifactStore(ref).load(k)
