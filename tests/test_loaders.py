@@ -235,3 +235,21 @@ def test_dataset_info_matches_the_loaded_datasets():
     assert D.dataset_info("tinyimagenet").image_size == 64 and D.dataset_info("cifar10-exact").image_size == 32
     with pytest.raises(ValueError, match="tinyimagenet"):
         D.dataset_info("imagenet")
+
+
+def test_e2e_baselines_take_the_datasets_classes_and_normalisation(cifar100_root, tmp_path, monkeypatch):
+    # before: build_e2e built its SNN before loading the data, so a CIFAR-100 baseline had 10 outputs and
+    # CIFAR-10's normalisation (and failed on the first batch of labels >= 10)
+    from rsnn_paper.baselines import BASELINES, build_e2e
+    from rsnn_paper.store import ArtifactStore
+    monkeypatch.setenv("RSNN_DATA", str(cifar100_root[0]))
+    cfg = get_config("ci", dataset="cifar100", test_dataset="cifar100", n_train=None, n_val=4, n_test=None,
+                     width=1 / 16, T=2, e2e_epochs=1, e2e_n_train=None, e2e_batch_size=4, e2e_attack_steps=1,
+                     val_attack_steps=1, n_val_eval=None, workers=1)
+    for kind in BASELINES:
+        snn, meta = build_e2e(cfg, kind, ArtifactStore(tmp_path / "store"), progress=False)
+        assert snn.num_classes == meta["num_classes"] == 100
+        assert torch.allclose(snn.mean.flatten(), torch.tensor(D.NORMALIZATION["cifar100"][0]))
+        assert torch.allclose(snn.std.flatten(), torch.tensor(D.NORMALIZATION["cifar100"][1]))
+        x = torch.rand(2, 3, 32, 32)
+        assert snn(x).shape == (2, 100) and torch.isfinite(snn(x)).all()
