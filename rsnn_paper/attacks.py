@@ -185,6 +185,16 @@ def _judge(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     return logits
 
 
+def _fill_record(record: Optional[dict], iterate: torch.Tensor, restart: torch.Tensor, final: int) -> None:
+    "Fill an attack's `record` (when one was asked for): per-sample iterate and restart (-1: none), the last iterate."
+    if record is not None:
+        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(final))
+
+
+def _none_broken(n: int) -> torch.Tensor:
+    return torch.full((n,), -1, dtype=torch.long)
+
+
 class BestIterate:
     """Best-iterate success (as AutoAttack's APGD keeps its best point): each sample counts as broken, and its
     adversarial image is kept, at the *first* iterate the model misclassifies — whatever later iterates do.
@@ -210,8 +220,7 @@ class BestIterate:
 
     def result(self, x_last: torch.Tensor, record: Optional[dict] = None, final: int = 0) -> torch.Tensor:
         "The kept image where a sample was broken, else `x_last`; fills `record` (with `final`, the last iterate's index)."
-        if record is not None:
-            record.update(iterate=self.iterate.cpu(), restart=self.restart.cpu(), final=int(final))
+        _fill_record(record, self.iterate, self.restart, final)
         return torch.where(self.found.view((-1,) + (1,) * (x_last.dim() - 1)), self.x, x_last)
 
 # %% ../nbs/05_attacks.ipynb #2661eefb
@@ -220,8 +229,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     """FGSM (no random start). `generator` is accepted for a uniform signature; FGSM draws no random numbers. Its one
     iterate is its output (`record['final'] = 1`; the caller judges it)."""
     eps = _check_inputs(x, y, eps)
-    if record is not None:
-        record.update(iterate=torch.full((len(x),), -1), restart=torch.full((len(x),), -1), final=1)
+    _fill_record(record, _none_broken(len(x)), _none_broken(len(x)), 1)
     if eps == 0 or len(x) == 0:
         return x.detach().clone()
     with frozen(model):
@@ -257,8 +265,7 @@ def rfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha:
     if loss not in ("ce", "kl"):
         raise ValueError(f"unknown loss {loss!r} for rfgsm; known losses: 'ce', 'kl'")
     if eps == 0 or len(x) == 0:
-        if record is not None:
-            record.update(iterate=torch.full((len(x),), -1), restart=torch.full((len(x),), -1), final=1)
+        _fill_record(record, _none_broken(len(x)), _none_broken(len(x)), 1)
         return x.detach().clone()
     gen = default_generator(generator)
     best = BestIterate(x)
@@ -417,8 +424,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: 
         raise ValueError("apgd needs steps >= 1 and n_restarts >= 1")
     iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
-        if record is not None:
-            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
+        _fill_record(record, iterate, restart, steps)
         return x.detach().clone()
     gen = default_generator(generator)
     per_sample = ce_loss if loss == "ce" else dlr_loss
@@ -428,8 +434,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: 
     with frozen(model):
         _apgd_restarts(model, x, y, eps, int(steps), n_restarts, rho, gen,
                        lambda idx: (lambda z: per_sample(z, y[idx])), x_out, fooled, best_loss, iterate, restart)
-    if record is not None:
-        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
+    _fill_record(record, iterate, restart, steps)
     return _finalize(x_out, x, eps)
 
 
@@ -443,8 +448,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         raise ValueError("apgd_targeted needs steps >= 1 and n_restarts >= 1")
     iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
-        if record is not None:
-            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
+        _fill_record(record, iterate, restart, steps)
         return x.detach().clone()
     gen = default_generator(generator)
     x, x_out = x.detach(), x.detach().clone()
@@ -464,8 +468,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
                            x_out, fooled, best_loss, iterate, restart, (c - 2) * int(n_restarts))
             # the targeted losses of different targets are not comparable: a new target restarts the bookkeeping
             best_loss[~fooled] = float("-inf")
-    if record is not None:
-        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(steps))
+    _fill_record(record, iterate, restart, steps)
     return _finalize(x_out, x, eps)
 
 # %% ../nbs/05_attacks.ipynb #b5d8a04a
@@ -525,8 +528,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_que
         raise ValueError("square needs n_queries >= 1 and n_restarts >= 1")
     iterate, restart = (torch.full((len(x),), -1, dtype=torch.long, device=x.device) for _ in range(2))
     if eps == 0 or len(x) == 0:
-        if record is not None:
-            record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(n_queries))
+        _fill_record(record, iterate, restart, n_queries)
         return x.detach().clone()
     gen = default_generator(generator)
     x, x_out = x.detach(), x.detach().clone()
@@ -541,8 +543,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_que
             x_out[idx[upd]], best[idx[upd]] = xb[upd], mb[upd]
             hit = at >= 0
             iterate[idx[hit]], restart[idx[hit]] = at[hit], r
-    if record is not None:
-        record.update(iterate=iterate.cpu(), restart=restart.cpu(), final=int(n_queries))
+    _fill_record(record, iterate, restart, n_queries)
     return _finalize(x_out, x, eps)
 
 # %% ../nbs/05_attacks.ipynb #18636d0f

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .attacks import (ATTACKS, BLACKBOX_ATTACKS, derive_generator, draw_seed, eval_mode, evaluate_attack, flag,
-                                run_ensemble, true_logits)
+from .attacks import (ATTACKS, BLACKBOX_ATTACKS, _data_fingerprint, derive_generator, draw_seed, eval_mode,
+                                evaluate_attack, flag, run_ensemble, true_logits)
 from .config import Config, config_hash
 from .store import ArtifactStore, cached_json
 from .surrogates import GRADIENT_SOURCES, resolve_source
@@ -76,14 +76,9 @@ def convergence_stages(cfg: Config) -> tuple[Stage, ...]:
             stage("pgd", steps=2 * cfg.strong_steps, n_restarts=2 * cfg.strong_restarts, schedule="cosine"))
 
 # %% ../nbs/05b_evaluation.ipynb #ba57a0a8
-def _fingerprint(*tensors) -> str:
-    "sha256 of tensors' shapes, dtypes and bytes: the identity of the evaluated images and labels."
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    "The identity of the evaluated images and labels (the ensemble state's data hash, shortened)."
+    return _data_fingerprint(x, y)[:16]
 
 
 def _merge(broken, broken_by, positions, result, label):
