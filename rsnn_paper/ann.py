@@ -6,18 +6,70 @@
 from __future__ import annotations
 from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 
+from .attacks import eval_mode
 from .config import Config, stage_key
 from .models import create_model
 from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, accuracy, fit, load_splits, resolve_device, run_parallel, seed_from_key, seeded
+from .training import (TrainStep, accuracy, fit, kl_div, load_splits, pgd_train_adversary, resolve_device,
+                                 run_parallel, seed_from_key, seeded)
 
 # %% auto #0
-__all__ = ['ANN_OBJECTIVES', 'build_ann', 'evaluate_model', 'write_table', 'run_ann_section', 'render_ann']
+__all__ = ['ANN_OBJECTIVES', 'pgd_at_objective', 'trades_loss', 'trades_objective', 'mart_loss', 'mart_objective', 'build_ann',
+           'evaluate_model', 'write_table', 'run_ann_section', 'render_ann']
 
 # %% ../nbs/10_ann_training.ipynb #52024c67
 import matplotlib.pyplot as plt
 import pandas as pd
+
+# %% ../nbs/10_ann_training.ipynb #bdb7c997
+def pgd_at_objective(model, x, y, *, eps: float, steps: int, alpha: Optional[float] = None, generator=None):
+    """PGD-AT, equation (1.3): CE on x_adv from `steps` CE-PGD steps started uniformly in the ε-ball, crafted in
+    eval mode. Returns `(loss, logits of x_adv)`."""
+    with eval_mode(model):
+        x_adv = pgd_train_adversary(model, x, y, eps, steps, alpha, "ce", None, "uniform", generator)
+    logits = model(x_adv)
+    return F.cross_entropy(logits, y), logits
+
+
+def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    "Equation (1.4) from the clean and adversarial logits: CE(f(x), y) + β·(1/B)·Σᵢ KL(p(xᵢ) ‖ p(x_adv,ᵢ))."
+    return F.cross_entropy(logits, y) + beta * kl_div(F.log_softmax(logits, 1), logits_adv).mean()
+
+
+def trades_objective(model, x, y, *, eps: float, steps: int, alpha: Optional[float] = None, beta: float,
+                     generator=None):
+    """TRADES: the clean forward in train mode first, then x_adv ascending KL(p(x) ‖ p(x')) from x + 0.001·N (eval
+    mode, p(x) from an eval-mode forward), then equation (1.4). Returns `(loss, clean logits)`."""
+    logits = model(x)  # clean forward, train mode, before the attack
+    with eval_mode(model):
+        p_log = F.log_softmax(model(x), 1).detach()
+        x_adv = pgd_train_adversary(model, x, y, eps, steps, alpha, "kl", p_log, "normal", generator)
+    return trades_loss(logits, model(x_adv), y, beta), logits
+
+
+def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """Equation (1.5) from the clean and adversarial logits: boosted CE on x_adv plus the KL term weighted by
+    1 − p_y(x) (1.0001 and 1e-12 keep the logarithm finite, as in MART's reference code)."""
+    p_adv = F.softmax(logits_adv, 1)
+    other = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1).amax(1)  # max_{k≠y} p_k(x_adv)
+    bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - other + 1e-12).mean()
+    p_clean = F.softmax(logits, 1)
+    true_p = p_clean.gather(1, y[:, None]).squeeze(1)  # p_y(x)
+    kl = kl_div(F.log_softmax(logits, 1), logits_adv)
+    return bce + beta * (kl * (1 - true_p)).mean()
+
+
+def mart_objective(model, x, y, *, eps: float, steps: int, alpha: Optional[float] = None, beta: float,
+                   generator=None):
+    """MART: the clean forward in train mode first, then x_adv from CE-PGD started at x + 0.001·N (eval mode), then
+    equation (1.5). Returns `(loss, clean logits)`."""
+    logits = model(x)  # clean forward, train mode, before the attack
+    with eval_mode(model):
+        x_adv = pgd_train_adversary(model, x, y, eps, steps, alpha, "ce", None, "normal", generator)
+    return mart_loss(logits, model(x_adv), y, beta), logits
 
 # %% ../nbs/10_ann_training.ipynb #fa4e9e07
 ANN_OBJECTIVES = ("clean", "pgd_at", "trades", "mart")
@@ -34,6 +86,8 @@ def build_ann(cfg: Config, objective: str = "pgd_at", store: Optional[ArtifactSt
     train, val, _ = splits or load_splits(cfg)
     with seeded(seed_from_key(cfg.seed, key)):  # initial weights depend on the configuration only
         model = create_model(cfg.arch, num_classes=train.num_classes, width=cfg.width, mean=train.mean, std=train.std)
+    if cfg.channels_last:  # NHWC: faster convolutions on CPUs (and GPUs); the layout travels to the converted SNN
+        model = model.to(memory_format=torch.channels_last)
     if store.exists(key) and not force:
         sd, meta = store.load(key)
         return load_into(model, sd, meta, source=f"artifact {key}").eval(), meta

@@ -93,6 +93,8 @@ def build_e2e(cfg: Config, kind: str, store: Optional[ArtifactStore] = None, spl
     with seeded(seed_from_key(cfg.seed, key)):  # the initial weights depend on the configuration only
         snn = create_model(cfg.arch, num_classes=train.num_classes, width=cfg.width, mean=train.mean, std=train.std,
                            threshold=1.0, learn_threshold=False)
+    if cfg.channels_last:
+        snn = snn.to(memory_format=torch.channels_last)
     snn.T = cfg.T
     if store.exists(key) and not force:
         sd, meta = store.load(key)
@@ -162,7 +164,7 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     ensembles, measure their cost, and write `results/<scale>/baselines.json`, the main table, the cost table,
     the figure, and the `eval.snn.e2e_at.*` / `eval.snn.snn_rat.*` keys of summary.json."""
     from rsnn_paper.attack_section import evaluate_protocols, section_models
-    from rsnn_paper.evaluation import eval_images, strong_curve
+    from rsnn_paper.evaluation import eval_images, strong_points, to_bits
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     splits = load_splits(cfg)
@@ -191,8 +193,11 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
                       **evaluate_snn(model, meta["key"], x, y, cfg, store, ann, progress)}
         cost[kind] = _cost(model, x, cfg)
     from rsnn_paper.surrogates import DEFAULT_SOURCE
-    for k, (m, mk) in nets.items():  # robust accuracy vs ε: the strong protocol for every SNN
-        rows[k]["strong_curve"] = strong_curve(m, mk, x, y, cfg, store, rows[k]["strong"], progress=progress)
+    for k, (m, mk) in nets.items():  # robust accuracy vs ε: the strong protocol for every SNN (per image: paired tests)
+        pts = strong_points(m, mk, x, y, cfg, store, rows[k]["strong"], progress=progress)
+        rows[k]["strong_curve"] = {e: p["robust_acc"] for e, p in pts.items()}
+        rows[k]["strong_curve_robust"] = {e: p["robust"] for e, p in pts.items()}
+        rows[k]["strong_robust"] = to_bits(rows[k]["strong"]["robust"])
     a, ast = evaluate_protocols(*ann, x, y, cfg, store, sources=(DEFAULT_SOURCE,), progress=progress)
     ann_row = {"label": "ANN, PGD-AT (reference)", "key": ann[1], "n": len(y), "clean_acc": a["pgd"]["clean_acc"],
                "fgsm.ensemble_acc": a["fgsm"]["ensemble_acc"], "pgd.ensemble_acc": a["pgd"]["ensemble_acc"],

@@ -18,8 +18,9 @@ from .store import (ArtifactStore, CheckpointMismatchError, UserError, artifacts
                               project_root, read_json, results_dir, run_name)
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate', 'cmd_render',
-           'cmd_bench', 'cmd_compare', 'build_parser', 'runtime_from_env', 'main']
+__all__ = ['SEED_SECTIONS', 'USER_ERRORS', 'cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate',
+           'cmd_render', 'cmd_seeds', 'cmd_notebooks', 'cmd_bench', 'cmd_compare', 'build_parser', 'runtime_from_env',
+           'main']
 
 # %% ../nbs/30_cli.ipynb #25cefd18
 def _sections():
@@ -156,6 +157,58 @@ def cmd_render(args) -> int:
     return 0
 
 
+#: The sections a seed run needs for the claims (the ablations are not among them).
+SEED_SECTIONS = ("ann", "conversion", "finetune", "attacks", "baselines", "ood")
+
+
+def cmd_seeds(args) -> int:
+    """Run the claim sections of the preset once per seed (`--run`; each seed is its own run, `results/<scale>+seed=S/`,
+    resumable like any run) and write the spread over seeds, `results/<run>/seeds.json`, then the run's claims with the
+    seed verdicts folded in."""
+    from rsnn_paper.paper import render_seeds, seed_spread, write_claims
+    cfg = _config(args)
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1,2; got {args.seeds!r}")
+    if len(seeds) < 2:
+        raise UserError(f"--seeds needs at least two seeds to measure a spread; got {args.seeds!r}")
+    runs = {}
+    for s in seeds:
+        cs = cfg.replace(seed=s)
+        if cfg.out_dir is not None and s != cfg.seed:
+            cs = cs.replace(out_dir=str(Path(cfg.out_dir) / f"seed={s}"))
+        runs[s] = _paper_target(cs)
+        if args.run:
+            print(f"== seed {s}: run {run_name(cs)} ==", flush=True)
+            for name, run in _sections():
+                if name in SEED_SECTIONS:
+                    t = time.time()
+                    run(cs, ArtifactStore(), not args.quiet)
+                    print(f"== seed {s}: section {name} done in {time.time() - t:.0f}s", flush=True)
+    out = seed_spread(_paper_target(cfg), runs)
+    claims = write_claims(_paper_target(cfg))
+    print(f"spread over seeds {out['seeds']} written to {results_dir(cfg) / 'seeds.json'} "
+          f"(table: {render_seeds(out, _paper_target(cfg))})")
+    for c in claims:
+        s = c.get("seeds")
+        print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['id']}: "
+              + ("" if s is None else f"holds per seed {s['holds']}"))
+    return 0
+
+
+def cmd_notebooks(args) -> int:
+    """Re-execute the section notebooks (all, or those named) and save them with their outputs (`nbdev_clean`ed), so
+    that they read without running; run this after the results change (the sections reuse the artifacts)."""
+    from rsnn_paper.notebooks import run_notebooks
+    try:
+        paths = run_notebooks(args.names or None, save=not args.no_save)
+    except RuntimeError as e:
+        raise UserError(str(e)) from e
+    print(f"{len(paths)} notebook(s) ran{'' if args.no_save else ' and were saved with their outputs'}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from rsnn_paper import bench
     if getattr(args, "project", None):  # the projected wall time of a scale, from one timed step per stage
@@ -264,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="with --project: overrides")
     b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     b.set_defaults(func=cmd_bench)
+    sd = common(sub.add_parser("seeds", help="the spread over seeds: run the claim sections per seed (--run) and write "
+                               "results/<scale>/seeds.json; the claims then state their verdict per seed"))
+    sd.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2; the preset's own seed is the "
+                    "committed run)")
+    sd.add_argument("--run", action="store_true", help="run (or resume) the sections of every seed first (without it: "
+                    "merge the seed runs that exist)")
+    sd.set_defaults(func=cmd_seeds)
+    nb = sub.add_parser("notebooks", help="re-execute the section notebooks and save them with their outputs (after "
+                        "the results change)")
+    nb.add_argument("names", nargs="*", help="notebooks by number, name or path (default: every section notebook)")
+    nb.add_argument("--no-save", action="store_true", help="run them, but leave the files as they are")
+    nb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    nb.set_defaults(func=cmd_notebooks)
     c = run_args(sub.add_parser("compare", help="print, key by key, how far a run's summary.json is from the "
                                 "committed one (exit 1 if a committed key is missing)"))
     c.add_argument("--against", default="HEAD", metavar="REF",

@@ -37,7 +37,9 @@ def transfer_parameters(ann: SpikingNet, bias: bool = True) -> SpikingNet:
     statistics, zero finetuning biases (`bias=True`) and learned thresholds (to be set by `search_thresholds`)."""
     snn = create_model(ann.arch, num_classes=ann.num_classes, width=_width_of(ann), bias=bias,
                        mean=tuple(ann.mean.flatten().tolist()), std=tuple(ann.std.flatten().tolist()))
-    snn = snn.to(ann.mean.device)
+    first = next(m for m in ann.modules() if isinstance(m, nn.Conv2d)).weight
+    nhwc = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last)
+    snn = snn.to(ann.mean.device, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     keep = {k: v for k, v in ann.state_dict().items() if not _is_bn_stat(k) and not k.endswith("threshold")}
     own = snn.state_dict()
     bad = [k for k, v in keep.items() if k not in own or own[k].shape != v.shape]

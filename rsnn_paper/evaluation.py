@@ -21,7 +21,8 @@ from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
 __all__ = ['Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol', 'eval_images', 'whitebox',
-           'blackbox', 'strong', 'strong_curve', 'single_source_prior', 'distributed_ensemble']
+           'blackbox', 'strong', 'to_bits', 'from_bits', 'strong_points', 'strong_curve', 'single_source_prior',
+           'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -253,17 +254,38 @@ def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore,
         sanity=not prior, progress=progress, log=log, long_sources=cfg.strong_sources))
 
 
+def to_bits(outcomes) -> str:
+    "Per-image outcomes (True = still correct after the attack) as a compact string of '1'/'0', image by image."
+    return "".join("1" if bool(v) else "0" for v in outcomes)
+
+
+def from_bits(bits) -> list[bool]:
+    "`to_bits`'s inverse (a list of booleans passes through)."
+    return [c == "1" for c in bits] if isinstance(bits, str) else [bool(v) for v in bits]
+
+
+def strong_points(model, key: str, x, y, cfg: Config, store: ArtifactStore, at_eps_test: dict,
+                  sources=GRADIENT_SOURCES, progress: bool = False, quiet: bool = False) -> dict:
+    """The strong protocol at every ε of `cfg.eps_curve`, as {f"{ε:.6f}": {"robust_acc", "robust"}} (`robust`: the
+    per-image outcomes as a `to_bits` string, for paired comparisons); ε = 0 is the clean accuracy, ε_test is
+    `at_eps_test` (the record at ε_test)."""
+    def point(e: float) -> dict:
+        if e == 0:
+            r = {"robust_acc": at_eps_test["clean_acc"], "robust": at_eps_test["clean_correct"]}
+        elif abs(e - cfg.eps_test) < 1e-12:
+            r = at_eps_test
+        else:
+            r = strong(model, key, x, y, e, cfg, store, sources, progress=progress, quiet=quiet)
+        return {"robust_acc": float(r["robust_acc"]), "robust": to_bits(r["robust"])}
+    return {f"{e:.6f}": point(float(e)) for e in cfg.eps_curve}
+
+
 def strong_curve(model, key: str, x, y, cfg: Config, store: ArtifactStore, at_eps_test: dict,
                  sources=GRADIENT_SOURCES, progress: bool = False, quiet: bool = False) -> dict:
     """Robust accuracy of artifact `key` under the strong protocol at every ε of `cfg.eps_curve`, as
-    {f"{ε:.6f}": acc}; ε = 0 is the clean accuracy, ε_test is `at_eps_test` (the strong record at ε_test)."""
-    def point(e: float) -> float:
-        if e == 0:
-            return float(at_eps_test["clean_acc"])
-        if abs(e - cfg.eps_test) < 1e-12:
-            return float(at_eps_test["robust_acc"])
-        return float(strong(model, key, x, y, e, cfg, store, sources, progress=progress, quiet=quiet)["robust_acc"])
-    return {f"{e:.6f}": point(float(e)) for e in cfg.eps_curve}
+    {f"{ε:.6f}": acc} (`strong_points` without the per-image outcomes)."""
+    return {e: r["robust_acc"] for e, r in strong_points(model, key, x, y, cfg, store, at_eps_test, sources,
+                                                         progress, quiet).items()}
 
 
 def single_source_prior(results: Sequence[dict], source: str) -> list[dict]:

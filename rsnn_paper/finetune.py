@@ -6,19 +6,58 @@
 from __future__ import annotations
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 
+from .attacks import eval_mode
 from .config import Config, stage_key
 from .conversion import threshold_bars, transfer_parameters
 from .models import SpikingNet
 from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
-from .training import TrainStep, fit, resolve_device
+from .training import TrainStep, _input_grad, _randn, fit, kl_div, pgd_train_adversary, resolve_device
 
 # %% auto #0
-__all__ = ['FT_OBJECTIVES', 'finetune', 'build_finetuned', 'run_finetune_section', 'render_finetune']
+__all__ = ['FT_OBJECTIVES', 'kl_ce_loss', 'rfgsm_kl_adversary', 'finetune_objective', 'finetune', 'build_finetuned',
+           'run_finetune_section', 'render_finetune']
 
 # %% ../nbs/12_finetuning.ipynb #0ea63ca8
 import matplotlib.pyplot as plt
 import pandas as pd
+
+# %% ../nbs/12_finetuning.ipynb #f470c774
+def kl_ce_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """Equation (3.1) from the clean logits f(x) and the adversarial logits f(x̃):
+    CE(f(x), y) + β·(1/B)·Σᵢ KL(p(xᵢ) ‖ p(x̃ᵢ)); gradients flow through both terms."""
+    return F.cross_entropy(logits, y) + beta * kl_div(F.log_softmax(logits, 1), logits_adv).mean()
+
+
+def rfgsm_kl_adversary(model, x, eps, alpha, p_log_clean, generator=None) -> torch.Tensor:
+    """One-step RFGSM on KL(p(x) ‖ p(x₀)), equations (3.2)–(3.3): a random sign step α, then a gradient-sign step
+    ε − α, projected onto the ε-ball around `x` and onto [0, 1]. `p_log_clean`: log p(x), detached."""
+    x0 = (x + alpha * torch.sign(_randn(x, generator))).clamp(0, 1).requires_grad_(True)
+    g = _input_grad(kl_div(p_log_clean, model(x0)).sum(), x0)
+    x_adv = x0.detach() + (eps - alpha) * g.sign()
+    return (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1).detach()
+
+
+def finetune_objective(model, x, y, objective: str = "kl_ce", *, eps: float, alpha: Optional[float], beta: float,
+                       adversary: str = "rfgsm", steps: int = 1, generator=None):
+    """One batch of the robust finetuning: `(loss, clean logits)`. `objective` "kl_ce" (equation 3.1) or "at" (the
+    standard-AT ablation, CE(f(x̃), y)); `adversary` "rfgsm" (equations 3.2–3.3) or "pgd" (`steps` of KL-PGD with
+    step `alpha`, uniform start)."""
+    if objective not in ("kl_ce", "at"):
+        raise ValueError(f"unknown finetuning objective {objective!r}; expected 'kl_ce' or 'at'")
+    logits = model(x)  # 1. clean forward, train mode, before the attack
+    with eval_mode(model):  # 2. the adversary, with BN's running statistics and p(x) from eval mode
+        p_log_eval = F.log_softmax(model(x), 1).detach()
+        if adversary == "rfgsm":
+            x_adv = rfgsm_kl_adversary(model, x, eps, alpha, p_log_eval, generator)
+        else:
+            x_adv = pgd_train_adversary(model, x, None, eps, steps, alpha, "kl", p_log_eval, "uniform", generator)
+    logits_adv = model(x_adv)  # 3. adversarial forward, train mode
+    if objective == "at":
+        return F.cross_entropy(logits_adv, y), logits
+    return kl_ce_loss(logits, logits_adv, y, beta), logits
 
 # %% ../nbs/12_finetuning.ipynb #c898cb44
 FT_OBJECTIVES = ("none", "at", "kl_ce")

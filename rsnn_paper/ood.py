@@ -11,12 +11,22 @@ from .store import ArtifactStore, cached_json, figures_dir, results_dir, run_of,
 from .training import accuracy, resolve_device
 
 # %% auto #0
-__all__ = ['OOD_MODELS', 'ood_models', 'run_ood_section', 'mean_corrupted', 'render_ood']
+__all__ = ['OOD_MODELS', 'mean_corrupted', 'relative_drop', 'ood_models', 'run_ood_section', 'render_ood']
 
 # %% ../nbs/16_ood.ipynb #887ba44f
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+# %% ../nbs/16_ood.ipynb #d8e32fd6
+def mean_corrupted(out: dict, model: str) -> float:
+    "Mean accuracy of `model` over every family and severity in `ood.json`'s content (equation 7.2, left)."
+    return float(np.mean([a for fam in out["corrupted"][model].values() for a in fam.values()]))
+
+
+def relative_drop(out: dict, model: str) -> float:
+    "1 − mean corrupted accuracy / clean accuracy of `model` in `ood.json`'s content (equation 7.2, right)."
+    return 1 - mean_corrupted(out, model) / max(out["clean_acc"][model], 1e-12)
 
 # %% ../nbs/16_ood.ipynb #9212a63a
 OOD_MODELS = {
@@ -85,11 +95,6 @@ def run_ood_section(cfg: Config, store=None, progress: bool = True) -> dict:
     render_ood(out)
     return out
 
-
-def mean_corrupted(out: dict, model: str) -> float:
-    "Mean accuracy of `model` over every family and severity in `ood.json`'s content."
-    return float(np.mean([a for fam in out["corrupted"][model].values() for a in fam.values()]))
-
 # %% ../nbs/16_ood.ipynb #30793672
 def render_ood(out: dict) -> list:
     """Write the OOD table (mean over severities per family), every accuracy per model, family and severity
@@ -105,7 +110,7 @@ def render_ood(out: dict) -> list:
         rows.append({"model": label, "clean": round(out["clean_acc"][k], 3),
                      **{f: round(float(np.mean(list(c[f].values()))), 3) for f in fams},
                      "mean corrupted": round(mean_corrupted(out, k), 3),
-                     "relative drop": round(1 - mean_corrupted(out, k) / max(out["clean_acc"][k], 1e-12), 3)})
+                     "relative drop": round(relative_drop(out, k), 3)})
     long = pd.DataFrame([{"model": k, "corruption": f, "severity": int(sv), "accuracy": a}
                          for k, fam in out["corrupted"].items() for f, by in fam.items() for sv, a in by.items()])
     from rsnn_paper.store import _atomic_write

@@ -11,8 +11,10 @@ from .baselines import BASELINES
 from .store import figures_dir, read_json, results_dir, write_json
 
 # %% auto #0
-__all__ = ['SECTIONS', 'TEST', 'CLAIMS', 'MissingResultError', 'render_all', 'claim_transfer', 'claim_vs_e2e', 'claim_ensemble',
-           'claim_blackbox', 'claim_ood', 'load_results', 'compute_claims', 'write_claims', 'update_readme']
+__all__ = ['SECTIONS', 'TEST', 'ALPHA', 'MARGIN', 'N_BOOT', 'RATIO_CAP', 'CLAIMS', 'CLAIM_SECTIONS', 'SEED_TABLE_KEYS',
+           'MissingResultError', 'render_all', 'mcnemar', 'claim_transfer', 'claim_vs_e2e', 'claim_ensemble',
+           'claim_blackbox', 'claim_ood', 'load_results', 'compute_claims', 'fold_seeds', 'read_seeds', 'write_claims',
+           'seed_spread', 'render_seeds', 'update_readme']
 
 # %% ../nbs/20_paper.ipynb #39e97a90
 import pandas as pd
@@ -79,13 +81,85 @@ def _eps(e: float) -> str:
     return f"{round(float(e) * 255, 2):g}/255"
 
 
-TEST = "95% Wilson intervals apart"
+#: The test that decides firmness. Comparisons are on the same images, so they are paired: a claim holds firmly when
+#: the paired test supports its verdict at the 5% level (McNemar's exact test for "A is more robust than B", a paired
+#: bootstrap interval for a ratio or a margin); the two 95% Wilson intervals are reported beside.
+TEST = "paired: McNemar exact test (p < 0.05) / paired bootstrap 95% interval; Wilson intervals beside"
+ALPHA = 0.05
+MARGIN = 0.01  # "no better than": a paired 95% interval of the difference inside ±1 point decides "does not hold"
+N_BOOT = 2000
+RATIO_CAP = 1000.0  # a resample in which B keeps no image has an unbounded ratio: recorded as this cap
 
 
-def _decided(holds: bool, firm: bool, eps: str, converged, protocol: str = "strong") -> dict:
-    """The verdict fields of a claim: a claim resting on an evaluation that did not converge is never firm."""
+def mcnemar(a: list, b: list) -> dict:
+    """McNemar's exact test on paired per-image outcomes `a`, `b` (True = robust): `n_a` images only `a` keeps, `n_b`
+    only `b` keeps, and the two-sided and one-sided ("a keeps more") p-values of the binomial test on the discordant
+    pairs."""
+    from math import comb
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need the same images, got {len(a)} and {len(b)}")
+    na = sum(bool(x) and not bool(y) for x, y in zip(a, b))
+    nb = sum(bool(y) and not bool(x) for x, y in zip(a, b))
+    m = na + nb
+    cdf = lambda k: sum(comb(m, i) for i in range(0, k + 1)) / 2 ** m if m else 1.0
+    greater = cdf(nb)  # P(X ≤ n_b) for X ~ Bin(m, 1/2): "a keeps more" one-sided
+    return {"n_a_only": na, "n_b_only": nb, "p_two_sided": float(min(1.0, 2 * cdf(min(na, nb)))),
+            "p_a_greater": float(min(1.0, greater))}
+
+
+def _paired(a: list, b: list, seed: int = 0) -> dict:
+    "McNemar and the paired bootstrap interval of acc(a) − acc(b) and of acc(a) / acc(b) on the same images."
+    import torch
+    from rsnn_paper.metrics import paired_bootstrap_diff
+    g = torch.Generator().manual_seed(seed)
+    ta, tb = torch.tensor([float(v) for v in a]), torch.tensor([float(v) for v in b])
+    idx = torch.randint(0, len(a), (N_BOOT, len(a)), generator=g)
+    ma, mb = ta[idx].mean(1), tb[idx].mean(1)
+    ratio = torch.where(mb > 0, ma / mb.clamp_min(1e-12), torch.full_like(ma, RATIO_CAP)).clamp(max=RATIO_CAP)
+    q = lambda v: [float(v.quantile(0.025)), float(v.quantile(0.975))]
+    d = paired_bootstrap_diff(a, b, n_boot=N_BOOT, generator=torch.Generator().manual_seed(seed))
+    return {**mcnemar(a, b), "diff": d["diff"], "diff_ci": [d["lo"], d["hi"]],
+            "ratio_ci": q(ratio)}
+
+
+def _robust(rec: dict) -> list | None:
+    "A record's per-image robust outcomes (True = still correct after the attack), if it kept them."
+    from rsnn_paper.evaluation import from_bits
+    r = rec.get("robust") if isinstance(rec, dict) else None
+    return from_bits(r) if r is not None else None
+
+
+def _whitebox_robust(rec: dict) -> list | None:
+    "Per image: correct and not broken by a white-box stage of a strong-protocol record (black-box breaks ignored)."
+    if rec.get("broken_by") is None or rec.get("clean_correct") is None:
+        return None
+    return [bool(c) and not (b is not None and not _is_blackbox_label(b[0])) for c, b in
+            zip(rec["clean_correct"], rec["broken_by"])]
+
+
+def _is_blackbox_label(label: str) -> bool:
+    from rsnn_paper.attacks import BLACKBOX_ATTACKS
+    return label.split("(")[0] in BLACKBOX_ATTACKS
+
+
+def _decided(holds: bool, firm: bool, eps: str, converged, protocol: str = "strong", test: str = TEST,
+             paired: dict | None = None) -> dict:
+    """The verdict fields of a claim. `firm`: the paired test supports the verdict (holds or does not hold); a claim
+    resting on an evaluation that did not converge is never firm."""
     return {"holds": bool(holds), "firm": bool(firm and converged is not False), "eps": eps, "protocol": protocol,
-            "test": TEST, "converged": converged}
+            "test": test, "converged": converged, **({"paired": paired} if paired is not None else {})}
+
+
+def _more_robust(a: list | None, b: list | None, wilson: tuple[dict, dict]) -> tuple[bool, bool, dict | None]:
+    """Is `a` firmly more robust than `b`, and is it firmly *not* (b firmly more robust, or the paired difference
+    within ±`MARGIN`)? Paired when both per-image vectors exist, else the Wilson intervals alone."""
+    if a is None or b is None:
+        wa, wb = wilson
+        return _apart(wa, wb), _apart(wb, wa), None
+    p = _paired(a, b)
+    yes = p["p_a_greater"] < ALPHA and p["diff"] > 0
+    no = mcnemar(b, a)["p_a_greater"] < ALPHA and p["diff"] < 0 or -MARGIN <= p["diff_ci"][0] <= p["diff_ci"][1] <= MARGIN
+    return yes, no, p
 
 
 def claim_transfer(R: dict) -> dict:
@@ -97,12 +171,28 @@ def claim_transfer(R: dict) -> dict:
                                           ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean"))
     gap = robust_ann["acc"] - ours["acc"]
     holds = robust_ann["acc"] > clean_ann["acc"] and ours["acc"] > other["acc"] and gap <= 0.05
+    yes, no, paired = _more_robust(_robust(e["snn_pgd_at"]), _robust(e["snn_clean"]), (ours, other))
+    gap_ci = None
+    if _robust(e["ann_pgd_at"]) is not None and _robust(e["snn_pgd_at"]) is not None:
+        gap_ci = _paired(_robust(e["ann_pgd_at"]), _robust(e["snn_pgd_at"]))["diff_ci"]
+    firm_gap = gap_ci is None or gap_ci[1] <= 0.05
+    firm = (holds and yes and firm_gap) or (not holds and (no or (gap_ci is not None and gap_ci[0] > 0.05)))
     conv = all(e[k]["converged"] for k in e)
-    return {"claim": "Robustness transfers from the ANN: the SNN converted from the PGD-AT ANN and finetuned is more "
+    return {"id": "transfer",
+            "claim": "Robustness transfers from the ANN: the SNN converted from the PGD-AT ANN and finetuned is more "
                      "robust at ε_train than the SNN from the clean ANN, and within 5 points of its ANN",
-            **_decided(holds, holds and _apart(ours, other), _eps(a["eps_train"]), conv),
+            **_decided(holds, firm, _eps(a["eps_train"]), conv, paired=paired),
             "numbers": {"snn_from_pgd_at_ann": ours, "snn_from_clean_ann": other, "pgd_at_ann": robust_ann,
-                        "clean_ann": clean_ann, "gap_to_ann": float(gap)}}
+                        "clean_ann": clean_ann, "gap_to_ann": float(gap),
+                        **({"gap_to_ann_ci": gap_ci} if gap_ci is not None else {})}}
+
+
+def _ratio_verdict(a: list | None, b: list | None, wa: dict, wb: dict, k: float = 1.5) -> tuple[bool, bool, dict | None]:
+    "Is acc(a) ≥ k·acc(b) firmly (paired bootstrap interval of the ratio above k), or firmly not (below k)?"
+    if a is None or b is None:
+        return wa["lo"] >= k * wb["hi"], wa["hi"] < k * wb["lo"], None
+    p = _paired(a, b)
+    return p["ratio_ci"][0] >= k, p["ratio_ci"][1] < k, p
 
 
 def claim_vs_e2e(R: dict) -> dict:
@@ -118,6 +208,9 @@ def claim_vs_e2e(R: dict) -> dict:
     loss_ours = ref - m["finetuned"]["clean_acc"]
     loss_theirs = ref - m[best]["clean_acc"]
     holds = ratio >= 1.5 and loss_ours < loss_theirs
+    yes, no, paired = _ratio_verdict(_robust({"robust": m["finetuned"].get("strong_robust")}),
+                                     _robust({"robust": m[best].get("strong_robust")}), ours, theirs)
+    firm = (holds and yes) or (not holds and no)  # a failed clean-loss condition alone is reported, not tested
     by_eps = {}  # ours vs the best baseline *at each ε* of the robustness curves (each with its own verdict)
     curves = all("strong_curve" in m[k] for k in ("finetuned", *BASELINES))
     for e in sorted(m["finetuned"]["strong_curve"], key=float) if curves else ():
@@ -127,12 +220,16 @@ def claim_vs_e2e(R: dict) -> dict:
         a, c = m["finetuned"]["strong_curve"][e], m[k]["strong_curve"][e]
         o, t = _acc(a, n), _acc(c, n)
         h = (a / c if c > 0 else float("inf")) >= 1.5
+        vec = lambda name: _robust({"robust": (m[name].get("strong_curve_robust") or {}).get(e)})
+        y_, n_, p_ = _ratio_verdict(vec("finetuned"), vec(k), o, t)
         by_eps[_eps(e)] = {"ours": o, "e2e": t, "e2e_model": k, **({"ratio": float(a / c)} if c > 0 else {}),
-                           "holds": bool(h), "firm": bool(h and _apart(o, t))}
+                           **({"ratio_ci": p_["ratio_ci"], "p_ours_greater": p_["p_a_greater"]} if p_ else {}),
+                           "holds": bool(h), "firm": bool(y_ if h else n_)}
     conv = all(bool(m[k]["strong.converged"]) for k in ("finetuned", *BASELINES))
-    return {"claim": "About 2× the robustness of end-to-end robust SNN training (strong protocol at ε_test; holds when "
+    return {"id": "vs_e2e",
+            "claim": "About 2× the robustness of end-to-end robust SNN training (strong protocol at ε_test; holds when "
                      "≥ 1.5×) with a smaller clean-accuracy loss",
-            **_decided(holds, holds and _apart(ours, theirs), _eps(b["eps"]), conv),
+            **_decided(holds, firm, _eps(b["eps"]), conv, paired=paired),
             "numbers": {"ours": ours, "best_e2e": best, "e2e": theirs,
                         "robustness_ratio": float(min(ratio, 1e9)), "clean_loss_ours": float(loss_ours),
                         "clean_loss_e2e": float(loss_theirs), "clean_ann_clean_acc": float(ref),
@@ -147,9 +244,12 @@ def claim_ensemble(R: dict) -> dict:
     ens, single = _acc(a["strong"]["robust_acc"], n), _acc(a["strong_single_source"]["robust_acc"], n)
     p = a["whitebox"]["pgd"]
     conv = bool(a["strong"]["converged"] and a["strong_single_source"]["converged"])
-    return {"claim": "The 19-source ensemble is stronger than any single gradient source (strong protocol at ε_test, "
+    holds = ens["acc"] < single["acc"]
+    yes, no, paired = _more_robust(_robust(a["strong_single_source"]), _robust(a["strong"]), (single, ens))
+    return {"id": "ensemble",
+            "claim": "The 19-source ensemble is stronger than any single gradient source (strong protocol at ε_test, "
                      "against the same attacks with the source that was strongest alone under the paper's PGD)",
-            **_decided(ens["acc"] < single["acc"], _apart(single, ens), _eps(a["eps"]), conv),
+            **_decided(holds, yes if holds else no, _eps(a["eps"]), conv, paired=paired),
             "numbers": {"ensemble": ens, "best_single": single, "best_single_source": a["strong_single_source"]["source"],
                         "paper_protocol_pgd": {"ensemble": _acc(p["ensemble_acc"], n),
                                                "best_single": _acc(p["best_single_acc"], n)}}}
@@ -159,11 +259,19 @@ def claim_blackbox(R: dict) -> dict:
     a = R["attacks"]
     n = a["n_images"]
     wb = _acc(a["strong"]["whitebox_acc"], n)
-    bb = {k: _acc(v["robust_acc"], n) for k, v in a["blackbox"].items() if k != "square_ann"}
+    names = [k for k in a["blackbox"] if k != "square_ann"]
+    bb = {k: _acc(a["blackbox"][k]["robust_acc"], n) for k in names}
     weakest_gap = min(v["acc"] for v in bb.values()) - wb["acc"]
-    return {"claim": "Black-box attacks (Square, transfer) are weaker than the white-box attacks on the SNN",
-            **_decided(weakest_gap >= 0, all(_apart(v, wb) for v in bb.values()), _eps(a["eps"]),
-                       bool(a["strong"]["converged"])),
+    white = _whitebox_robust(a["strong"])
+    verdicts = {k: _more_robust(_robust(a["blackbox"][k]), white, (bb[k], wb)) for k in names}
+    holds = weakest_gap >= 0
+    firm = all(v[0] for v in verdicts.values()) if holds else any(
+        v[2] is not None and mcnemar(white, _robust(a["blackbox"][k]))["p_a_greater"] < ALPHA or
+        v[2] is None and _apart(wb, bb[k]) for k, v in verdicts.items())
+    paired = {k: v[2] for k, v in verdicts.items()} if all(v[2] is not None for v in verdicts.values()) else None
+    return {"id": "blackbox",
+            "claim": "Black-box attacks (Square, transfer) are weaker than the white-box attacks on the SNN",
+            **_decided(holds, firm, _eps(a["eps"]), bool(a["strong"]["converged"]), paired=paired),
             "numbers": {"whitebox_strongest": wb, **bb}}
 
 
@@ -174,32 +282,39 @@ def claim_ood(R: dict) -> dict:
     rel = {k: 1 - mean_corrupted(o, k) / max(o["clean_acc"][k], 1e-12) for k in o["corrupted"]}
     pairs = [("ann_pgd_at", "ann_clean"), ("snn_pgd_at", "snn_clean")]
     holds = all(rel[a] < rel[b] for a, b in pairs)
-    return {"claim": "Robust models degrade less under common corruptions (relative drop of the mean corrupted "
+    return {"id": "ood",
+            "claim": "Robust models degrade less under common corruptions (relative drop of the mean corrupted "
                      "accuracy from the clean accuracy, robust vs clean; ANNs and SNNs)",
-            **_decided(holds, False, "corruptions", None, "clean accuracy on corrupted images"),
+            **_decided(holds, False, "corruptions", None, "clean accuracy on corrupted images",
+                       test="none (relative drops compared as measured)"),
             "numbers": {"relative_drop": {k: float(v) for k, v in rel.items()},
                         "mean_corrupted_acc": {k: float(mean_corrupted(o, k)) for k in o["corrupted"]},
                         "clean_acc": {k: float(v) for k, v in o["clean_acc"].items()}, "n_evaluations": n}}
 
 
 CLAIMS = (claim_transfer, claim_vs_e2e, claim_ensemble, claim_blackbox, claim_ood)
+#: The results files the claims read (the ablations are not among them: a run without them still has its claims).
+CLAIM_SECTIONS = ("ann", "attacks", "baselines", "ood")
 
 
-def load_results(scale: str) -> dict:
-    "Every section's results file of `scale` as {section: content}; `MissingResultError` when one is absent."
+def load_results(scale: str, sections=None) -> dict:
+    """Every section's results file of `scale` (or those of `sections`) as {section: content};
+    `MissingResultError` when one is absent."""
     rdir = results_dir(scale)
-    missing = [s for s in SECTIONS if not (rdir / f"{s}.json").is_file()]
+    want = list(SECTIONS if sections is None else sections)
+    missing = [s for s in want if not (rdir / f"{s}.json").is_file()]
     if missing:
         raise MissingResultError(f"missing results for scale {scale!r}: {', '.join(missing)} in {rdir}; run "
                                  f"`rsnn-paper reproduce --scale {scale}` first")
-    return {s: read_json(rdir / f"{s}.json") for s in SECTIONS}
+    return {s: read_json(rdir / f"{s}.json") for s in want}
 
 
 def compute_claims(scale: str) -> list[dict]:
-    """The claims table of `scale`, computed from its results files; each entry has claim, holds, firm, eps, protocol,
-    test, converged, numbers, scale."""
-    R = load_results(scale)
-    meta = {"scale": scale, "dataset": R["ann"]["dataset"], "test_dataset": R["ann"]["test_dataset"]}
+    """The claims table of `scale` (a scale, run name or folder), computed from its results files; each entry has id,
+    claim, holds, firm, eps, protocol, test, converged, numbers, scale."""
+    R = load_results(scale, CLAIM_SECTIONS)
+    meta = {"scale": R["ann"].get("scale", scale), "dataset": R["ann"]["dataset"],
+            "test_dataset": R["ann"]["test_dataset"]}
     return [{**c(R), **meta} for c in CLAIMS]
 
 # %% ../nbs/20_paper.ipynb #9f2268c7
@@ -211,27 +326,138 @@ def _fmt(v) -> str:
                          for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.3f}"
+    if isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+        return "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
     return str(v)
 
 
+def _accs(numbers: dict) -> dict:
+    "The accuracies a claim compares (its top-level `{acc, lo, hi, n}` entries), as {name: acc}."
+    return {k: float(v["acc"]) for k, v in numbers.items() if isinstance(v, dict) and "acc" in v}
+
+
+def fold_seeds(claims: list[dict], seeds: dict | None) -> list[dict]:
+    """Claims with the verdicts of the other seeds of `seeds` (the content of `seeds.json`) folded in: each claim gets
+    `seeds` (per seed: holds, firm and the accuracies it compares) and `holds_every_seed`, and is firm only if it is
+    firm on this run and every seed gives the same verdict."""
+    if not seeds:
+        return claims
+    out = []
+    for c in claims:
+        per = [{"seed": s["seed"], "run": s["run"], **{k: s["claims"][c["id"]][k] for k in ("holds", "firm", "accs")}}
+               for s in seeds["runs"] if c.get("id") in s.get("claims", {})]
+        if not per:
+            out.append(c)
+            continue
+        same = all(p["holds"] == c["holds"] for p in per)
+        spread = {k: [min(p["accs"][k] for p in per if k in p["accs"]), max(p["accs"][k] for p in per if k in p["accs"])]
+                  for k in per[0]["accs"]}
+        out.append({**c, "firm": bool(c["firm"] and same and all(p["firm"] for p in per)),
+                    "holds_every_seed": bool(same and c["holds"]), "same_verdict_every_seed": bool(same),
+                    "seeds": {"seeds": [p["seed"] for p in per], "holds": [p["holds"] for p in per],
+                              "firm": [p["firm"] for p in per], "spread": spread}})
+    return out
+
+
+def read_seeds(scale) -> dict | None:
+    "The seed spread of `scale` (`results/<scale>/seeds.json`, written by `seed_spread`), or None."
+    path = results_dir(scale) / "seeds.json"
+    return read_json(path) if path.is_file() else None
+
+
 def write_claims(scale: str) -> list[dict]:
-    "Compute the claims of `scale` and write `results/<scale>/claims.json` and `figures/<scale>/claims_table.{md,csv}`."
+    """Compute the claims of `scale`, fold in the seed spread when `results/<scale>/seeds.json` exists, and write
+    `results/<scale>/claims.json` and `figures/<scale>/claims_table.{md,csv}`."""
     from rsnn_paper.ann import write_table
-    claims = compute_claims(scale)
+    claims = fold_seeds(compute_claims(scale), read_seeds(scale))
     write_json(results_dir(scale) / "claims.json", claims)
-    df = pd.DataFrame([{"claim": c["claim"], "ε": c["eps"], "holds": "yes" if c["holds"] else "no",
-                        "firm (95% CIs apart)": "yes" if c["firm"] else "no",
-                        "evaluation converged": {True: "yes", False: "NO", None: "–"}[c["converged"]],
-                        "numbers": "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items())} for c in claims])
-    write_table(df, figures_dir(scale) / "claims_table", f"Claims of the paper at scale {scale} "
-                f"({claims[0]['dataset']} → {claims[0]['test_dataset']}; accuracies with 95% Wilson intervals; robust "
-                "accuracies from the strong protocol)")
+    seeded = any("seeds" in c for c in claims)
+    rows = []
+    for c in claims:
+        row = {"claim": c["claim"], "ε": c["eps"], "holds": "yes" if c["holds"] else "no",
+               "firm": "yes" if c["firm"] else "no",
+               "evaluation converged": {True: "yes", False: "NO", None: "–"}[c["converged"]]}
+        if seeded:
+            s = c.get("seeds")
+            row["over seeds"] = "–" if s is None else (
+                f"seeds {s['seeds']}: holds {['yes' if h else 'no' for h in s['holds']]}; "
+                + "; ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in s["spread"].items()))
+        row["numbers"] = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items())
+        if c.get("paired"):
+            p = c["paired"]
+            row["paired test"] = "; ".join(f"{k}: {_fmt_paired(v)}" for k, v in p.items()) if all(
+                isinstance(v, dict) for v in p.values()) and "p_two_sided" not in p else _fmt_paired(p)
+        rows.append(row)
+    write_table(pd.DataFrame(rows), figures_dir(scale) / "claims_table", f"Claims of the paper at scale "
+                f"{claims[0]['scale']} ({claims[0]['dataset']} → {claims[0]['test_dataset']}; accuracies with 95% Wilson "
+                f"intervals; robust accuracies from the strong protocol; firm: {TEST}"
+                + ("; a claim is firm only if every seed gives the same verdict" if seeded else "") + ")")
     return claims
+
+
+def _fmt_paired(p: dict) -> str:
+    return (f"McNemar {p['n_a_only']} vs {p['n_b_only']} discordant, p={p['p_two_sided']:.3g}; "
+            f"diff {p['diff']:+.3f} [{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}]")
+
+# %% ../nbs/20_paper.ipynb #5eed5eed
+#: Summary keys whose spread over seeds the seeds table shows (the headline numbers).
+SEED_TABLE_KEYS = ("ann.pgd_at.clean_acc", "eval.snn.finetuned.clean_acc", "eval.snn.finetuned.strong.robust_acc",
+                   "eval.snn.finetuned.pgd.ensemble_acc", "eval.snn.e2e_at.strong.robust_acc",
+                   "eval.snn.snn_rat.strong.robust_acc", "eval.ann.pgd_at.strong.robust_acc")
+
+
+def seed_spread(scale: str, runs: dict) -> dict:
+    """The spread over seeds of a scale: `runs` maps each seed to its run (a run name under `results/`, or a folder)
+    holding the claim sections' results. Computes every run's claims and reads its summary.json; writes
+    `results/<scale>/seeds.json` (per seed: the claim verdicts and the accuracies they compare; per numeric summary key:
+    the values, mean, std, min, max) and `figures/<scale>/seeds_table.{md,csv}`. Returns the record."""
+    import statistics
+    recs = []
+    for seed, run in sorted(runs.items()):
+        cl = compute_claims(run)
+        recs.append({"seed": int(seed), "run": str(run),
+                     "claims": {c["id"]: {"holds": c["holds"], "firm": c["firm"], "accs": _accs(c["numbers"])}
+                                for c in cl},
+                     "summary": read_json(results_dir(run) / "summary.json")})
+    keys = sorted({k for r in recs for k, v in r["summary"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    spread = {}
+    for k in keys:
+        vals = [float(r["summary"][k]) for r in recs if k in r["summary"]]
+        if len(vals) == len(recs):
+            spread[k] = {"values": vals, "mean": statistics.fmean(vals),
+                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "min": min(vals), "max": max(vals)}
+    out = {"scale": recs[0]["summary"].get("scale", scale), "seeds": [r["seed"] for r in recs],
+           "runs": [{k: r[k] for k in ("seed", "run", "claims")} for r in recs], "keys": spread,
+           "what_varies": "the seed of the whole chain: initial weights, data order, augmentation, subsets drawn "
+                          "(`n_eval` images and the stratified training subsets), and the attacks' random starts"}
+    write_json(results_dir(scale) / "seeds.json", out)
+    render_seeds(out, scale)
+    return out
+
+
+def render_seeds(out: dict, scale) -> Path:
+    "The seeds table (`figures/<scale>/seeds_table.md`): each headline number per seed, and each claim per seed."
+    from rsnn_paper.ann import write_table
+    rows = [{"quantity": k, **{f"seed {s}": f"{v:.3f}" for s, v in zip(out["seeds"], out["keys"][k]["values"])},
+             "spread (max − min)": f"{out['keys'][k]['max'] - out['keys'][k]['min']:.3f}",
+             "std": f"{out['keys'][k]['std']:.3f}"} for k in SEED_TABLE_KEYS if k in out["keys"]]
+    for cid in out["runs"][0]["claims"]:
+        verdict = lambda c: ("holds" if c["holds"] else "does not hold") + (" (firm)" if c["firm"] else "")
+        rows.append({"quantity": f"claim {cid}", **{f"seed {r['seed']}": verdict(r["claims"][cid]) for r in out["runs"]
+                                                    if cid in r["claims"]},
+                     "spread (max − min)": "same verdict" if len({r["claims"][cid]["holds"] for r in out["runs"]
+                                                                  if cid in r["claims"]}) == 1 else "VERDICT DIFFERS",
+                     "std": ""})
+    path = figures_dir(scale) / "seeds_table"
+    write_table(pd.DataFrame(rows), path, f"What varies between seeds (scale {out['scale']}, seeds {out['seeds']}; "
+                f"{out['what_varies']})")
+    return path.with_suffix(".md")
 
 # %% ../nbs/20_paper.ipynb #c0859a47
 def update_readme(scale: str, path=None) -> bool:
     """Replace the block between `<!-- results:<scale>:start -->` and `<!-- results:<scale>:end -->` in the README with
-    the scale's main table and claims table; returns whether the file changed."""
+    the scale's main table, claims table and (when measured) seeds table; returns whether the file changed."""
     from rsnn_paper.store import _atomic_write, project_root
     path = Path(path or project_root() / "README.md")
     start, end = f"<!-- results:{scale}:start -->", f"<!-- results:{scale}:end -->"
@@ -239,7 +465,8 @@ def update_readme(scale: str, path=None) -> bool:
     if start not in text or end not in text:
         raise ValueError(f"{path} has no {start} ... {end} block to fill")
     fdir = figures_dir(scale)
-    body = "\n".join((fdir / f).read_text().strip() + "\n" for f in ("main_table.md", "claims_table.md"))
+    files = ("main_table.md", "claims_table.md") + (("seeds_table.md",) if (fdir / "seeds_table.md").is_file() else ())
+    body = "\n".join((fdir / f).read_text().strip() + "\n" for f in files)
     head, rest = text.split(start, 1)
     new = f"{head}{start}\n{body}{end}{rest.split(end, 1)[1]}"
     if new != text:

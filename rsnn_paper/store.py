@@ -22,9 +22,9 @@ from .config import OUTPUT_FIELDS, SCALES, Config, config_from_dict, get_config
 
 # %% auto #0
 __all__ = ['RunTarget', 'project_root', 'artifacts_dir', 'UserError', 'run_name', 'results_dir', 'figures_dir', 'run_of',
-           'write_json', 'read_json', 'save_torch', 'CorruptArtifactError', 'load_torch', 'ArtifactStore',
-           'CheckpointMismatchError', 'load_into', 'cached_json', 'update_summary', 'compare_summaries',
-           'format_comparison']
+           'committed_scale', 'write_json', 'read_json', 'save_torch', 'CorruptArtifactError', 'load_torch',
+           'ArtifactStore', 'CheckpointMismatchError', 'load_into', 'cached_json', 'update_summary',
+           'compare_summaries', 'format_comparison']
 
 # %% ../nbs/06_store.ipynb #4c1d1792
 def project_root() -> Path:
@@ -110,6 +110,13 @@ def figures_dir(target: RunTarget) -> Path:
 def run_of(out: dict) -> RunTarget:
     "The run a results file's content belongs to (its recorded `config`, else its `scale`), for `figures_dir`."
     return config_from_dict(out["config"]) if isinstance(out.get("config"), dict) else out["scale"]
+
+# %% ../nbs/06_store.ipynb #affad799
+def committed_scale(root=None) -> str:
+    """The scale whose committed results the section notebooks display: `"cpu"` when `<project>/results/cpu/` holds a
+    `summary.json` (a finished `cpu` run), else `"ci"`. `root`: the project folder (default `project_root()`)."""
+    root = Path(root) if root is not None else project_root()
+    return "cpu" if (root / "results" / "cpu" / "summary.json").is_file() else "ci"
 
 # %% ../nbs/06_store.ipynb #a0371008
 def _atomic_write(path: Path, write) -> Path:

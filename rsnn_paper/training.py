@@ -24,8 +24,8 @@ from .store import (ArtifactStore, CheckpointMismatchError, CorruptArtifactError
                               save_torch)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'seeded', 'kl_div', 'pgd_train_adversary',
-           'rfgsm_kl_adversary', 'TrainStep', 'accuracy', 'fit', 'load_splits', 'run_parallel']
+__all__ = ['OBJECTIVES', 'resolve_device', 'derive_seed', 'seed_from_key', 'seeded', 'kl_div', 'pgd_train_adversary', 'TrainStep',
+           'accuracy', 'fit', 'load_splits', 'run_parallel']
 
 # %% ../nbs/07_training.ipynb #13c22e59
 def resolve_device(device: str = "auto") -> torch.device:
@@ -105,12 +105,18 @@ def pgd_train_adversary(model, x, y, eps, steps, alpha=None, loss="ce", p_log_cl
     return x_adv.detach()
 
 
-def rfgsm_kl_adversary(model, x, eps, alpha, p_log_clean, generator=None) -> torch.Tensor:
-    "One-step RFGSM on KL(p(x) ‖ p(x₀)) (§3, nbs/12_finetuning.ipynb): random sign step α, then a gradient-sign step ε − α."
-    x0 = (x + alpha * torch.sign(_randn(x, generator))).clamp(0, 1).requires_grad_(True)
-    g = _input_grad(kl_div(p_log_clean, model(x0)).sum(), x0)
-    x_adv = x0.detach() + (eps - alpha) * g.sign()
-    return (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1).detach()
+
+# names that moved into the section module that teaches them; still importable from here, looked up on first access
+# (the section modules import this one, so this one never imports them at import time)
+_MOVED = {"rfgsm_kl_adversary": "rsnn_paper.finetune"}
+
+
+def __getattr__(name: str):
+    "PEP 562: `from rsnn_paper.training import rfgsm_kl_adversary` keeps working after the move into `finetune`."
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/07_training.ipynb #5e8f78ae
 OBJECTIVES = ("clean", "pgd_at", "trades", "mart", "kl_ce", "at", "fgsm_at")
@@ -119,7 +125,8 @@ OBJECTIVES = ("clean", "pgd_at", "trades", "mart", "kl_ce", "at", "fgsm_at")
 class TrainStep(nn.Module):
     """The loss of one batch under `objective`; `forward(x, y, generator)` returns `(loss, logits)`.
     Adversaries are crafted with the model in eval mode; the clean forward of TRADES/MART/KL+CE runs (in train
-    mode) before the attack, as in §1 and §3 (nbs/10_ann_training.ipynb, nbs/12_finetuning.ipynb)."""
+    mode) before the attack. PGD-AT, TRADES and MART are defined in §1 (`rsnn_paper.ann`, nbs/10_ann_training.ipynb),
+    KL+CE and standard AT in §3 (`rsnn_paper.finetune`, nbs/12_finetuning.ipynb); `clean` and `fgsm_at` here."""
 
     def __init__(self, model: nn.Module, objective: str, eps: float, steps: int = 10, alpha: Optional[float] = None,
                  beta: float = 1.0, adversary: str = "pgd"):
@@ -131,53 +138,26 @@ class TrainStep(nn.Module):
         self.model, self.objective, self.eps, self.steps = model, objective, eps, steps
         self.alpha, self.beta, self.adversary = alpha, beta, adversary
 
-    def _kl_adversary(self, x, p_log_eval, generator):
-        if self.adversary == "rfgsm":
-            return rfgsm_kl_adversary(self.model, x, self.eps, self.alpha, p_log_eval, generator)
-        return pgd_train_adversary(self.model, x, None, self.eps, self.steps, self.alpha, "kl", p_log_eval,
-                                   "uniform", generator)
-
     def forward(self, x, y, generator=None):
         m, o = self.model, self.objective
         if o == "clean":
             logits = m(x)
-            return F.cross_entropy(logits, y), logits
-        if o == "pgd_at":
-            with eval_mode(m):
-                x_adv = pgd_train_adversary(m, x, y, self.eps, self.steps, self.alpha, "ce", None, "uniform", generator)
-            logits = m(x_adv)
             return F.cross_entropy(logits, y), logits
         if o == "fgsm_at":
             with eval_mode(m):
                 x_adv = pgd_train_adversary(m, x, y, self.eps, 1, self.eps, "ce", None, "none", generator)
             logits = m(x_adv)
             return F.cross_entropy(logits, y), logits
-        logits = m(x)  # clean forward, train mode, before the attack
-        if o == "trades":
-            with eval_mode(m):
-                p_log = F.log_softmax(m(x), 1).detach()
-                x_adv = pgd_train_adversary(m, x, y, self.eps, self.steps, self.alpha, "kl", p_log, "normal", generator)
-            adv = m(x_adv)
-            return F.cross_entropy(logits, y) + self.beta * kl_div(F.log_softmax(logits, 1), adv).mean(), logits
-        if o == "mart":
-            with eval_mode(m):
-                x_adv = pgd_train_adversary(m, x, y, self.eps, self.steps, self.alpha, "ce", None, "normal", generator)
-            adv = m(x_adv)
-            p_adv = F.softmax(adv, 1)
-            other = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1).amax(1)
-            bce = F.cross_entropy(adv, y) - torch.log(1.0001 - other + 1e-12).mean()
-            p_clean = F.softmax(logits, 1)
-            true_p = p_clean.gather(1, y[:, None]).squeeze(1)
-            kl = kl_div(F.log_softmax(logits, 1), adv)
-            return bce + self.beta * (kl * (1 - true_p)).mean(), logits
-        # kl_ce / at: the finetuning objectives, RFGSM-KL (or KL-PGD) adversary with p(x) from eval mode
-        with eval_mode(m):
-            p_log_eval = F.log_softmax(m(x), 1).detach()
-            x_adv = self._kl_adversary(x, p_log_eval, generator)
-        adv = m(x_adv)
-        if o == "at":
-            return F.cross_entropy(adv, y), logits
-        return F.cross_entropy(logits, y) + self.beta * kl_div(F.log_softmax(logits, 1), adv).mean(), logits
+        # the sections' objectives, imported here when first used: their modules import this one
+        kw = dict(eps=self.eps, steps=self.steps, alpha=self.alpha, generator=generator)
+        if o == "pgd_at":
+            from rsnn_paper.ann import pgd_at_objective
+            return pgd_at_objective(m, x, y, **kw)
+        if o in ("trades", "mart"):
+            from rsnn_paper.ann import mart_objective, trades_objective
+            return (trades_objective if o == "trades" else mart_objective)(m, x, y, beta=self.beta, **kw)
+        from rsnn_paper.finetune import finetune_objective  # kl_ce, at
+        return finetune_objective(m, x, y, o, beta=self.beta, adversary=self.adversary, **kw)
 
 # %% ../nbs/07_training.ipynb #ca468e66
 def accuracy(model, dataset, eps: float = 0.0, steps: int = 10, batch_size: int = 256, device="cpu",

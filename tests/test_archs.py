@@ -1,5 +1,6 @@
 """Every architecture of the paper's experiments: parameter counts by hand, both modes, the registry, and
 the existing checkpoints' parameter names (VGG-11, ResNet-20, WRN-16-4 must keep loading)."""
+import copy
 import hashlib
 import json
 
@@ -196,3 +197,23 @@ def test_unknown_model_lists_every_name():
     msg = str(e.value)
     assert "unknown model 'nosuch'" in msg
     assert all(name in msg for name in PAPER_ARCHS)
+
+
+def test_channels_last_travels_through_conversion_and_changes_only_rounding():
+    torch.manual_seed(0)
+    ann = create_model("vgg11", width=1 / 16).eval()
+    nhwc = copy.deepcopy(ann).to(memory_format=torch.channels_last)
+    w = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d)).weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    a, b = transfer_parameters(ann), transfer_parameters(nhwc)
+    wb = next(m for m in b.modules() if isinstance(m, nn.Conv2d)).weight
+    wa = next(m for m in a.modules() if isinstance(m, nn.Conv2d)).weight
+    assert wb.is_contiguous(memory_format=torch.channels_last) and not wb.is_contiguous() and wa.is_contiguous()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        for m in (ann, nhwc):
+            m.T = 0
+        assert torch.allclose(ann(x), nhwc(x), atol=1e-5)
+        for m in (a, b):
+            m.T, _ = 2, m.eval()
+        assert torch.allclose(a(x), b(x), atol=1e-4)

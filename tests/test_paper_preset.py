@@ -173,7 +173,7 @@ PAPER = dict(
     scale="paper", seed=0, device="auto", workers=1, out_dir=None,
     # data and model: CIFAR-10 (offline JPEG copy for training and testing), VGG-11 at full width
     dataset="cifar10-jpeg", test_dataset="cifar10-jpeg", n_train=None, n_val=1000, n_test=None,
-    arch="vgg11", width=1.0,
+    arch="vgg11", width=1.0, channels_last=True,
     # robust ANN training: SGD lr 0.1 (cosine) momentum 0.9 wd 5e-4, 200 epochs, batch 64, Cutout 8;
     # PGD-AT / TRADES (β 6) / MART (β 4) at ε_train = 2/255 with 10 steps of 2.5·ε/10
     ann_epochs=200, ann_batch_size=64, ann_lr=0.1, ann_momentum=0.9, ann_weight_decay=5e-4, ann_cutout=8,
