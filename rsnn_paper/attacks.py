@@ -296,12 +296,14 @@ def step_sizes(eps: float, steps: int, alpha: Optional[float] = None, schedule: 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
         alpha: Optional[float] = None, random_start: bool = True, generator: Optional[torch.Generator] = None,
         loss: str = "ce", p_clean: Optional[torch.Tensor] = None, n_restarts: int = 1, schedule: str = "constant",
-        best_iterate: bool = True, record: Optional[dict] = None) -> torch.Tensor:
+        best_iterate: bool = True, record: Optional[dict] = None, compact: bool = True) -> torch.Tensor:
     """L∞ PGD with `steps` steps (`schedule`: constant `alpha`, default `2.5*eps/steps`, or a cosine decay) from a
     uniform random start, `n_restarts` times on the samples not yet broken; `loss` is 'ce', 'dlr' or 'kl'. Best iterate:
     a sample counts as broken at the first iterate (start, any step, or the last) that the model misclassifies, and
     that image is returned for it; otherwise the last iterate of the last restart. `best_iterate=False` returns the
-    last iterate always (for transfer attacks, where success on the crafting model is not success on the target)."""
+    last iterate always (for transfer attacks, where success on the crafting model is not success on the target).
+    `compact` (with best iterate): a broken sample leaves the batch, which changes nothing but the cost (each
+    sample's trajectory is its own in eval mode); `compact=False` attacks every sample to the end, for checking."""
     eps = _check_inputs(x, y, eps)
     steps, n_restarts = int(steps), int(n_restarts)
     if steps < 0:
@@ -315,6 +317,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
     gen = default_generator(generator)
     x_last = x.detach().clone()
     with frozen(model):
+        if loss == "kl" and p_clean is None:  # p(x) once, for every subset below
+            with torch.no_grad():
+                p_clean = F.softmax(_logits(model, x), 1)
         loss_fn = _loss_fn(loss, y, model, x, p_clean)
         for r in range(n_restarts):
             idx = (~best.found).nonzero().squeeze(1)
@@ -327,8 +332,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
                 x_adv = (x_adv + eps * (2 * _rand(xs.shape, gen, xs) - 1)).clamp(0, 1)
             for i, a in enumerate(alphas):
                 g, _, logits = input_gradient(model, x_adv, f)
-                best.update(model, x_adv, logits, ys, i, r, idx)
+                wrong = best.update(model, x_adv, logits, ys, i, r, idx)
                 x_adv = project(x_adv + a * g.sign(), xs, eps)
+                if best_iterate and compact and wrong.any():
+                    # a broken sample is decided (its first fooling iterate is kept): the later steps attack only the
+                    # others. Each sample's trajectory is its own (eval mode), so this changes nothing but the cost
+                    keep = ~wrong
+                    idx, xs, ys, x_adv = idx[keep], xs[keep], ys[keep], x_adv[keep]
+                    if idx.numel() == 0:
+                        break
+                    f = _subset_loss(loss_fn, idx, loss, y, model, x, p_clean)
+            if idx.numel() == 0:
+                continue
             with torch.no_grad():  # the last iterate, judged too (one forward)
                 best.update(model, x_adv, _logits(model, x_adv), ys, steps, r, idx)
             x_last[idx] = x_adv
@@ -346,9 +361,12 @@ def _subset_loss(loss_fn, idx, loss, y, model, x, p_clean):
     return _loss_fn(loss, y[idx], model, x[idx], None)
 
 # %% ../nbs/05_attacks.ipynb #ddaa23ad
-def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen):
+def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen, subset_loss=None):
     """One APGD run. Returns (x_best_loss, still_correct, best_loss, x_adv_found, found_at), all per sample; `found_at`
-    is the iterate (0 = the random start) at which a sample was first misclassified, -1 if never."""
+    is the iterate (0 = the random start) at which a sample was first misclassified, -1 if never. With
+    `subset_loss(act)` (the loss of the samples `act`, indices into `x`), a sample stops being attacked once it is
+    misclassified: its first success is kept (best iterate) and every other sample's trajectory is its own (eval mode,
+    per-sample step sizes and checkpoints), so this changes nothing but the cost."""
     B = x.shape[0]
     view = (-1,) + (1,) * (x.dim() - 1)
     t = 2 * _rand(x.shape, gen, x) - 1
@@ -366,31 +384,49 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, rho, gen):
     since_check = 0
     loss_best_at_check = loss_best.clone()
     halved_at_check = torch.ones(B, dtype=torch.bool, device=x.device)
+    # the iteration state (x_adv, x_prev, grad, step, history) covers the samples `act` still attacked; the outputs
+    # (x_best, grad_best, loss_best, x_found, found_at, correct) and the checkpoint state cover every sample
+    act = torch.arange(B, device=x.device)
+    xa, ya, f = x, y, loss_fn
+
+    def compact(keep):
+        nonlocal act, x_adv, x_prev, grad, step, history, xa, ya, f
+        act, x_adv, x_prev, grad, step = act[keep], x_adv[keep], x_prev[keep], grad[keep], step[keep]
+        history = [h[keep] for h in history]
+        xa, ya, f = x[act], y[act], subset_loss(act)
+
+    if subset_loss is not None and not correct.all():
+        compact(correct)
     for i in range(steps):
+        if act.numel() == 0:
+            break
         a = 1.0 if i == 0 else 0.75
-        z = project(x_adv + step * grad.sign(), x, eps)
-        x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
+        z = project(x_adv + step * grad.sign(), xa, eps)
+        x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), xa, eps)
         x_prev, x_adv = x_adv, x_new
-        grad, loss, logits = input_gradient(model, x_adv, loss_fn)
-        wrong = _judge(model, x_adv, logits).argmax(1) != y
-        first = wrong & correct  # keep the first success (a later iterate may be correct again)
-        x_found[first] = x_adv[first]
-        found_at[first] = i + 1
-        correct &= ~wrong
-        better = loss > loss_best
-        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+        grad, loss, logits = input_gradient(model, x_adv, f)
+        wrong = _judge(model, x_adv, logits).argmax(1) != ya
+        first = wrong & correct[act]  # keep the first success (a later iterate may be correct again)
+        x_found[act[first]] = x_adv[first]
+        found_at[act[first]] = i + 1
+        correct[act[wrong]] = False
+        better = loss > loss_best[act]
+        jb = act[better]
+        x_best[jb], grad_best[jb], loss_best[jb] = x_adv[better], grad[better], loss[better]
         history.append(loss)
         since_check += 1
         if since_check == k:
             n_up = sum((history[-j] > history[-j - 1]).float() for j in range(1, k + 1))
             cond1 = n_up <= k * rho
-            cond2 = ~halved_at_check & (loss_best_at_check >= loss_best)
+            cond2 = ~halved_at_check[act] & (loss_best_at_check[act] >= loss_best[act])
             halve = cond1 | cond2
-            halved_at_check, loss_best_at_check = halve, loss_best.clone()
+            halved_at_check[act], loss_best_at_check[act] = halve, loss_best[act]
             step[halve] /= 2
-            x_adv = torch.where(halve.view(view), x_best, x_adv)
-            grad = torch.where(halve.view(view), grad_best, grad)
+            x_adv = torch.where(halve.view(view), x_best[act], x_adv)
+            grad = torch.where(halve.view(view), grad_best[act], grad)
             since_check, k = 0, max(k - k_decr, k_min)
+        if subset_loss is not None and wrong.any():
+            compact(~wrong)
     return x_best, correct, loss_best, x_found, found_at
 
 
@@ -402,7 +438,8 @@ def _apgd_restarts(model, x, y, eps, steps, n_restarts, rho, gen, make_loss, x_o
         idx = (~fooled).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        xb, still, lb, xf, at = _apgd_run(model, x[idx], y[idx], eps, steps, make_loss(idx), rho, gen)
+        xb, still, lb, xf, at = _apgd_run(model, x[idx], y[idx], eps, steps, make_loss(idx), rho, gen,
+                                          subset_loss=lambda a, idx=idx: make_loss(idx[a]))
         hit = ~still
         x_out[idx[hit]] = xf[hit]
         fooled[idx[hit]] = True

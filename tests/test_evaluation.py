@@ -134,3 +134,40 @@ def test_cached_evaluations_are_keyed_by_the_images_and_every_attack_parameter(t
                 quiet=True)
     assert any("steps=6" in s for s in s2["stages"]) and not any("steps=6" in s for s in s1["stages"])
     assert len(list(tmp_path.glob("strong-*.json"))) == 2
+
+
+def _tiny_snn(seed=0):
+    import torch
+    from rsnn_paper.models import create_model
+    torch.manual_seed(seed)
+    m = create_model("vgg11", width=1 / 16).eval()
+    m.T = 2
+    for u in m.spiking_units():
+        u.threshold.data.fill_(0.05)
+    return m
+
+
+def test_pgd_and_apgd_stop_attacking_broken_images_without_changing_any_outcome():
+    # a broken image leaves the batch (best-iterate success keeps its first fooling iterate); every other image's
+    # trajectory is its own, so the outcome and the returned image of every sample are those of the full-batch attack
+    import torch
+    from rsnn_paper.attacks import _apgd_run, ce_loss, eval_mode, pgd
+    m = _tiny_snn()
+    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), eval_mode(m):
+        y = m(x).argmax(1)  # every image starts correct
+    with eval_mode(m):
+        for eps in (1 / 255, 8 / 255):
+            ra, rb = {}, {}
+            a = pgd(m, x, y, eps, steps=6, generator=torch.Generator().manual_seed(2), record=ra)
+            b = pgd(m, x, y, eps, steps=6, generator=torch.Generator().manual_seed(2), record=rb, compact=False)
+            assert torch.equal(ra["iterate"], rb["iterate"]) and torch.allclose(a, b, atol=1e-6)
+            assert 0 < int((ra["iterate"] >= 0).sum()) < len(y) or eps == 8 / 255  # some broken, some not (1/255)
+            loss = lambda idx: (lambda z: ce_loss(z, y[idx]))
+            full = _apgd_run(m, x, y, eps, 6, loss(torch.arange(24)), 0.75, torch.Generator().manual_seed(3))
+            cut = _apgd_run(m, x, y, eps, 6, loss(torch.arange(24)), 0.75, torch.Generator().manual_seed(3),
+                            subset_loss=loss)
+            still_f, still_c = full[1], cut[1]
+            assert torch.equal(still_f, still_c) and torch.equal(full[4], cut[4])  # who was broken, and when
+            assert torch.allclose(full[3][~still_f], cut[3][~still_c], atol=1e-6)  # the first fooling iterates
+            assert torch.allclose(full[0][still_f], cut[0][still_c], atol=1e-6)  # the best-loss points of survivors
