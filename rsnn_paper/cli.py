@@ -162,9 +162,9 @@ SEED_SECTIONS = ("ann", "conversion", "finetune", "attacks", "baselines", "ood")
 
 
 def cmd_seeds(args) -> int:
-    """Run the claim sections of the preset once per seed (`--run`; each seed is its own run, `results/<scale>+seed=S/`,
-    resumable like any run) and write the spread over seeds, `results/<run>/seeds.json`, then the run's claims with the
-    seed verdicts folded in."""
+    """Run the claim sections of the preset once per other seed (`--run`; each seed is its own run,
+    `results/<scale>+seed=S/`, resumable like any run; the run's own seed is the one `reproduce` made) and write the
+    spread over seeds, `results/<run>/seeds.json`, then the run's claims with the seed verdicts folded in."""
     from rsnn_paper.paper import render_seeds, seed_spread, write_claims
     cfg = _config(args)
     try:
@@ -179,6 +179,11 @@ def cmd_seeds(args) -> int:
         if cfg.out_dir is not None and s != cfg.seed:
             cs = cs.replace(out_dir=str(Path(cfg.out_dir) / f"seed={s}"))
         runs[s] = _paper_target(cs)
+        if s == cfg.seed:  # the run itself (the committed one for a preset): made by `reproduce`, not here
+            if not (results_dir(cs) / "summary.json").is_file():
+                raise UserError(f"no results for seed {s} in {results_dir(cs)}: run `rsnn-paper reproduce --scale "
+                                f"{cfg.scale}` (with the same --set/--out) first")
+            continue
         if args.run:
             print(f"== seed {s}: run {run_name(cs)} ==", flush=True)
             for name, run in _sections():

@@ -145,3 +145,13 @@ def test_seeds_command_errors_are_one_line(capsys):
     assert main(["seeds", "--scale", "ci", "--seeds", "0,x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsnn-paper: error:") and "comma-separated integers" in err and "Traceback" not in err
+
+
+def test_a_seed_run_reports_its_own_seed_only():
+    # a run whose seed is not among the preset's headline seeds is one seed of `rsnn-paper seeds`: it must not build
+    # the other seeds' chains (it would retrain the whole preset inside a seed run)
+    from rsnn_paper.baselines import BASELINES, headline_seeds
+    from rsnn_paper.config import get_config
+    first = {k: {"clean_acc": 0.5, "strong.robust_acc": 0.1} for k in ("finetuned", *BASELINES)}
+    rows = headline_seeds(get_config("ci", seed=1), first, None, None, store=None)
+    assert [r["seed"] for r in rows] == [1]
