@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .attacks import eval_mode
 from .config import Config, stage_key
 from .models import create_model
-from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
+from .store import ArtifactStore, cached_json, figures_dir, load_into, run_of, results_dir, update_summary, write_json
 from .training import (TrainStep, accuracy, fit, kl_div, load_splits, pgd_train_adversary, resolve_device,
                                  run_parallel, seed_from_key, seeded)
 
@@ -192,7 +192,7 @@ def render_ann(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg, results = config_from_dict(out["config"]), out["anns"]
     objectives = list(results)
-    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
+    fdir = figures_dir(run_of(out))  # the run's folder (from the config the results record, or `render_to`)
     fdir.mkdir(parents=True, exist_ok=True)
     from rsnn_paper.metrics import format_acc
     table = pd.DataFrame([{"ANN objective": o, "clean": format_acc(r["clean_acc"], r["n"]),

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .config import Config, config_hash, stage_key
 from .data import augment, augmentation_for, iterate_batches
 from .models import SpikingNet, create_model
-from .store import ArtifactStore, cached_json, figures_dir, load_into, results_dir, update_summary, write_json
+from .store import ArtifactStore, cached_json, figures_dir, load_into, run_of, results_dir, update_summary, write_json
 from .training import accuracy, derive_seed, resolve_device
 
 # %% auto #0
@@ -300,7 +300,7 @@ def render_conversion(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
-    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
+    fdir = figures_dir(run_of(out))  # the run's folder (from the config the results record, or `render_to`)
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["converted"]["pgd_at"]
     threshold_bars({f"99.7th percentile at T={cfg.T_search}": r["raw_thresholds"],

@@ -13,7 +13,7 @@ from .attacks import eval_mode
 from .config import Config, stage_key
 from .conversion import threshold_bars, transfer_parameters
 from .models import SpikingNet
-from .store import ArtifactStore, figures_dir, load_into, results_dir, update_summary, write_json
+from .store import ArtifactStore, figures_dir, load_into, run_of, results_dir, update_summary, write_json
 from .training import TrainStep, _input_grad, _randn, fit, kl_div, pgd_train_adversary, resolve_device
 
 # %% auto #0
@@ -153,7 +153,7 @@ def render_finetune(out: dict) -> None:
     from rsnn_paper.config import config_from_dict
     cfg = config_from_dict(out["config"])
     from rsnn_paper.ann import write_table
-    fdir = figures_dir(cfg)  # the run's folder, from the config the results record
+    fdir = figures_dir(run_of(out))  # the run's folder (from the config the results record, or `render_to`)
     fdir.mkdir(parents=True, exist_ok=True)
     r = out["snns"]["pgd_at"]
     threshold_bars({"after conversion": r["thresholds_before"], "after finetuning": r["thresholds"]},

@@ -58,7 +58,7 @@ def render_all(scale: str) -> list[Path]:
                                  f"`rsnn-paper reproduce --scale {scale}` (or the section notebooks) first")
     paths = []
     for s, (_, _, files) in SECTIONS.items():
-        _renderer(s)(read_json(rdir / f"{s}.json"))
+        _renderer(s)({**read_json(rdir / f"{s}.json"), "render_to": str(fdir.resolve())})
         paths += [fdir / f for f in files]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:

@@ -108,7 +108,11 @@ def figures_dir(target: RunTarget) -> Path:
 
 
 def run_of(out: dict) -> RunTarget:
-    "The run a results file's content belongs to (its recorded `config`, else its `scale`), for `figures_dir`."
+    """The run a results file's content belongs to, for `figures_dir`: the folder `render_to` when the content says
+    where it is rendered (`paper.render_all` does: results made under an older preset still render into their own
+    folder), else its recorded `config`, else its `scale`."""
+    if out.get("render_to"):
+        return str(Path(out["render_to"]).resolve())
     return config_from_dict(out["config"]) if isinstance(out.get("config"), dict) else out["scale"]
 
 # %% ../nbs/06_store.ipynb #affad799
