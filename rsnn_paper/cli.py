@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_args(sp):  # which run: a preset, its overrides, where it writes
         sp.add_argument("--scale", default="ci", choices=list(SCALES),
-                        help="preset: ci (CI on 2 CPU cores), cpu (~2 h on 2 cores), paper (the paper's settings, GPU)")
+                        help="preset: ci (CI on 2 CPU cores), cpu (the claims on 1,000 test images; hours on 2 cores), paper (the paper's settings, GPU)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a configuration field, e.g. --set ann_epochs=10 --set eps_test=8/255")
         sp.add_argument("--out", metavar="DIR", help="write this run's results, tables and figures into DIR (default: "

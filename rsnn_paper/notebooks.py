@@ -17,8 +17,8 @@ __all__ = ['SECTION_NOTEBOOKS', 'resolve_notebooks', 'run_notebook', 'run_notebo
 
 # %% ../nbs/21_notebooks.ipynb #0389e374
 #: The section notebooks, in reading order: the lessons with committed outputs.
-SECTION_NOTEBOOKS = ("10_ann_training", "11_conversion", "12_finetuning", "13_attack_ensemble", "15_ablations",
-                     "16_ood")
+SECTION_NOTEBOOKS = ("10_ann_training", "11_conversion", "12_finetuning", "13_attack_ensemble", "14_baselines",
+                     "15_ablations", "16_ood")
 
 
 def _nbs_dir(nbs_path=None) -> Path:
