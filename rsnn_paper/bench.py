@@ -132,18 +132,13 @@ def _authors_step(model, x, y, T: int):
     autograd spike function per step: our `reference` implementation, which matches their code to float rounding),
     and the mode flags (SNN mode, T, surrogate) written onto every module before each forward, as their code does."""
     model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    x = x.contiguous()
+    train = _train_step(model, x.contiguous(), y, T, "reference")
     source = current_gradient_source()
 
     def step():
         for m in model.modules():  # their forward sets these attributes on every module, every call
             m.snn_mode, m.timesteps, m.surrogate = True, T, source
-        model.T = T
-        model.train()
-        model.zero_grad(set_to_none=True)
-        with use_implementation("reference"):
-            F.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
+        train()
     return step
 
 
@@ -478,6 +473,8 @@ def project_main(scale: str = "paper", devices: int = 1, quick: bool = False, js
     return p
 
 # %% ../nbs/90_bench.ipynb #ee58413c
+#| eval: false
+#| eval: false
 #| eval: false
 #| eval: false
 if __name__ == "__main__":  # `python -m rsnn_paper.bench`: the time-loop settings of the environment, as `rsnn-paper`

@@ -165,7 +165,7 @@ def cmd_seeds(args) -> int:
     """Run the claim sections of the preset once per other seed (`--run`; each seed is its own run,
     `results/<scale>+seed=S/`, resumable like any run; the run's own seed is the one `reproduce` made) and write the
     spread over seeds, `results/<run>/seeds.json`, then the run's claims with the seed verdicts folded in."""
-    from rsnn_paper.paper import render_seeds, seed_spread, write_claims
+    from rsnn_paper.paper import seed_spread, write_claims
     cfg = _config(args)
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
@@ -194,7 +194,7 @@ def cmd_seeds(args) -> int:
     out = seed_spread(_paper_target(cfg), runs)
     claims = write_claims(_paper_target(cfg))
     print(f"spread over seeds {out['seeds']} written to {results_dir(cfg) / 'seeds.json'} "
-          f"(table: {render_seeds(out, _paper_target(cfg))})")
+          f"(table: {figures_dir(_paper_target(cfg)) / 'seeds_table.md'})")
     for c in claims:
         s = c.get("seeds")
         print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['id']}: "

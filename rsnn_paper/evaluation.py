@@ -20,9 +20,9 @@ from .store import ArtifactStore, cached_json
 from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
-__all__ = ['Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol', 'eval_images', 'whitebox',
-           'blackbox', 'strong', 'to_bits', 'from_bits', 'strong_points', 'strong_curve', 'single_source_prior',
-           'distributed_ensemble']
+__all__ = ['Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol', 'whitebox_outcomes',
+           'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'from_bits', 'strong_points', 'strong_curve',
+           'single_source_prior', 'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
     run(check, "check", [srcs[names.index(s)] for s in best])
     delta = (sum(broken) - n_before) / n if n else 0.0
     converged = delta <= tol + 1e-12
-    white = [bool(c) and not (b is not None and not _is_blackbox(b[0])) for c, b in zip(correct.tolist(), broken_by)]
+    white = whitebox_outcomes(correct.tolist(), broken_by)
     res = {"protocol": name, "eps": float(eps), "n": n, "sources": names, "stages": [s.label for s in stages],
            "clean_acc": frac(correct.tolist()), "robust_acc": frac(robust()), "before_check_acc": main_acc,
            "whitebox_acc": frac(white), "per_stage": rows, "robust": robust(), "clean_correct": correct.tolist(),
@@ -193,6 +193,12 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
 
 def _is_blackbox(label: str) -> bool:
     return label.split("(")[0] in BLACKBOX_ATTACKS
+
+
+def whitebox_outcomes(clean_correct, broken_by) -> list[bool]:
+    """Per image of a protocol record: correct and not broken by a white-box stage (black-box breaks ignored) — the
+    outcomes behind its `whitebox_acc`."""
+    return [bool(c) and not (b is not None and not _is_blackbox(b[0])) for c, b in zip(clean_correct, broken_by)]
 
 # %% ../nbs/05b_evaluation.ipynb #61afdd47
 def eval_images(cfg: Config, test) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from torch import nn
 from .neurons import IFNeuron
 
 # %% auto #0
-__all__ = ['ENERGY_PJ', 'wilson_interval', 'accuracy_interval', 'format_acc', 'bootstrap_interval', 'paired_bootstrap_diff',
-           'spike_rates', 'synaptic_operations', 'ann_operations', 'cost_report']
+__all__ = ['ENERGY_PJ', 'wilson_interval', 'accuracy_interval', 'format_acc', 'bootstrap_interval', 'paired_bootstrap',
+           'paired_bootstrap_diff', 'spike_rates', 'synaptic_operations', 'ann_operations', 'cost_report']
 
 # %% ../nbs/09_metrics.ipynb #fccaa6d6
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -91,16 +91,27 @@ def bootstrap_interval(correct, n_boot: int = 2000, level: float = 0.95,
     return _percentiles(_boot_means(c[:, None], n_boot, generator)[:, 0], level)
 
 
-def paired_bootstrap_diff(correct_a, correct_b, n_boot: int = 2000, level: float = 0.95,
-                          generator: Optional[torch.Generator] = None) -> dict:
-    """Accuracy difference `a - b` of two models on the same images with its paired percentile-bootstrap
-    interval (one resample of the image indices for both): `dict(diff, lo, hi)`."""
+def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, level: float = 0.95,
+                     generator: Optional[torch.Generator] = None, ratio_cap: float = 1000.0) -> dict:
+    """Paired percentile-bootstrap intervals (one resample of the image indices for both models) of the accuracy
+    difference `a - b` and of the ratio acc(a) / acc(b): `dict(diff, lo, hi, ratio_lo, ratio_hi)` (a resample in
+    which b keeps no image counts as `ratio_cap`)."""
     a, b = _outcomes(correct_a, "correct_a"), _outcomes(correct_b, "correct_b")
     if a.shape != b.shape:
         raise ValueError(f"paired outcomes need the same images, got {a.numel()} and {b.numel()} outcomes")
     m = _boot_means(torch.stack([a, b], 1), n_boot, generator)
     lo, hi = _percentiles(m[:, 0] - m[:, 1], level)
-    return {"diff": float(a.mean() - b.mean()), "lo": lo, "hi": hi}
+    ratio = torch.where(m[:, 1] > 0, m[:, 0] / m[:, 1].clamp_min(1e-12), torch.full_like(m[:, 0], ratio_cap))
+    r_lo, r_hi = _percentiles(ratio.clamp(max=ratio_cap), level)
+    return {"diff": float(a.mean() - b.mean()), "lo": lo, "hi": hi, "ratio_lo": r_lo, "ratio_hi": r_hi}
+
+
+def paired_bootstrap_diff(correct_a, correct_b, n_boot: int = 2000, level: float = 0.95,
+                          generator: Optional[torch.Generator] = None) -> dict:
+    """Accuracy difference `a - b` of two models on the same images with its paired percentile-bootstrap
+    interval (one resample of the image indices for both): `dict(diff, lo, hi)`."""
+    r = paired_bootstrap(correct_a, correct_b, n_boot, level, generator)
+    return {k: r[k] for k in ("diff", "lo", "hi")}
 
 # %% ../nbs/09_metrics.ipynb #d2107034
 #: Energy per operation in picojoules: 32-bit float accumulate and multiply-accumulate in 45 nm CMOS

@@ -110,36 +110,29 @@ def mcnemar(a: list, b: list) -> dict:
 def _paired(a: list, b: list, seed: int = 0) -> dict:
     "McNemar and the paired bootstrap interval of acc(a) − acc(b) and of acc(a) / acc(b) on the same images."
     import torch
-    from rsnn_paper.metrics import paired_bootstrap_diff
-    g = torch.Generator().manual_seed(seed)
-    ta, tb = torch.tensor([float(v) for v in a]), torch.tensor([float(v) for v in b])
-    idx = torch.randint(0, len(a), (N_BOOT, len(a)), generator=g)
-    ma, mb = ta[idx].mean(1), tb[idx].mean(1)
-    ratio = torch.where(mb > 0, ma / mb.clamp_min(1e-12), torch.full_like(ma, RATIO_CAP)).clamp(max=RATIO_CAP)
-    q = lambda v: [float(v.quantile(0.025)), float(v.quantile(0.975))]
-    d = paired_bootstrap_diff(a, b, n_boot=N_BOOT, generator=torch.Generator().manual_seed(seed))
-    return {**mcnemar(a, b), "diff": d["diff"], "diff_ci": [d["lo"], d["hi"]],
-            "ratio_ci": q(ratio)}
+    from rsnn_paper.metrics import paired_bootstrap
+    d = paired_bootstrap([float(v) for v in a], [float(v) for v in b], n_boot=N_BOOT,
+                         generator=torch.Generator().manual_seed(seed), ratio_cap=RATIO_CAP)
+    return {**mcnemar(a, b), "diff": d["diff"], "diff_ci": [d["lo"], d["hi"]], "ratio_ci": [d["ratio_lo"], d["ratio_hi"]]}
+
+
+def _robust_bits(r) -> list | None:
+    "Per-image robust outcomes (True = still correct after the attack) from a `to_bits` string or list, or None."
+    from rsnn_paper.evaluation import from_bits
+    return from_bits(r) if r is not None else None
 
 
 def _robust(rec: dict) -> list | None:
-    "A record's per-image robust outcomes (True = still correct after the attack), if it kept them."
-    from rsnn_paper.evaluation import from_bits
-    r = rec.get("robust") if isinstance(rec, dict) else None
-    return from_bits(r) if r is not None else None
+    "A record's per-image robust outcomes, if it kept them."
+    return _robust_bits(rec.get("robust") if isinstance(rec, dict) else None)
 
 
 def _whitebox_robust(rec: dict) -> list | None:
     "Per image: correct and not broken by a white-box stage of a strong-protocol record (black-box breaks ignored)."
+    from rsnn_paper.evaluation import whitebox_outcomes
     if rec.get("broken_by") is None or rec.get("clean_correct") is None:
         return None
-    return [bool(c) and not (b is not None and not _is_blackbox_label(b[0])) for c, b in
-            zip(rec["clean_correct"], rec["broken_by"])]
-
-
-def _is_blackbox_label(label: str) -> bool:
-    from rsnn_paper.attacks import BLACKBOX_ATTACKS
-    return label.split("(")[0] in BLACKBOX_ATTACKS
+    return whitebox_outcomes(rec["clean_correct"], rec["broken_by"])
 
 
 def _decided(holds: bool, firm: bool, eps: str, converged, protocol: str = "strong", test: str = TEST,
@@ -208,8 +201,8 @@ def claim_vs_e2e(R: dict) -> dict:
     loss_ours = ref - m["finetuned"]["clean_acc"]
     loss_theirs = ref - m[best]["clean_acc"]
     holds = ratio >= 1.5 and loss_ours < loss_theirs
-    yes, no, paired = _ratio_verdict(_robust({"robust": m["finetuned"].get("strong_robust")}),
-                                     _robust({"robust": m[best].get("strong_robust")}), ours, theirs)
+    yes, no, paired = _ratio_verdict(_robust_bits(m["finetuned"].get("strong_robust")),
+                                     _robust_bits(m[best].get("strong_robust")), ours, theirs)
     firm = (holds and yes) or (not holds and no)  # a failed clean-loss condition alone is reported, not tested
     by_eps = {}  # ours vs the best baseline *at each ε* of the robustness curves (each with its own verdict)
     curves = all("strong_curve" in m[k] for k in ("finetuned", *BASELINES))
@@ -220,7 +213,7 @@ def claim_vs_e2e(R: dict) -> dict:
         a, c = m["finetuned"]["strong_curve"][e], m[k]["strong_curve"][e]
         o, t = _acc(a, n), _acc(c, n)
         h = (a / c if c > 0 else float("inf")) >= 1.5
-        vec = lambda name: _robust({"robust": (m[name].get("strong_curve_robust") or {}).get(e)})
+        vec = lambda name: _robust_bits((m[name].get("strong_curve_robust") or {}).get(e))
         y_, n_, p_ = _ratio_verdict(vec("finetuned"), vec(k), o, t)
         by_eps[_eps(e)] = {"ours": o, "e2e": t, "e2e_model": k, **({"ratio": float(a / c)} if c > 0 else {}),
                            **({"ratio_ci": p_["ratio_ci"], "p_ours_greater": p_["p_a_greater"]} if p_ else {}),
