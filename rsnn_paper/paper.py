@@ -60,6 +60,9 @@ def render_all(scale: str) -> list[Path]:
     for s, (_, _, files) in SECTIONS.items():
         _renderer(s)({**read_json(rdir / f"{s}.json"), "render_to": str(fdir.resolve())})
         paths += [fdir / f for f in files]
+    seeds = read_seeds(scale)  # the spread over seeds, when measured (`seed_spread`)
+    if seeds:
+        paths.append(render_seeds(seeds, scale))
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise MissingResultError(f"these tables or figures were not rendered: {', '.join(absent)}")
