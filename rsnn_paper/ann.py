@@ -100,7 +100,7 @@ def build_ann(cfg: Config, objective: str = "pgd_at", store: Optional[ArtifactSt
               momentum=cfg.ann_momentum, weight_decay=cfg.ann_weight_decay, seed=cfg.seed, cutout=cfg.ann_cutout,
               select="clean" if objective == "clean" else "robust", val_eps=cfg.eps_train,
               val_steps=cfg.val_attack_steps, device=device, store=store, key=key, progress=progress,
-              desc=f"ANN {objective}")
+              desc=f"ANN {objective}", snapshot_every=cfg.snapshot_every)
     meta = {"kind": "ann", "objective": objective, "arch": cfg.arch, "width": cfg.width,
             "num_classes": train.num_classes, "scale": cfg.scale, "dataset": cfg.dataset, "config": cfg.to_dict(), **out}
     store.save(key, model.state_dict(), meta)

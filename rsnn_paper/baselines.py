@@ -108,7 +108,7 @@ def build_e2e(cfg: Config, kind: str, store: Optional[ArtifactStore] = None, spl
     rec = fit(step, train, val, epochs=cfg.e2e_epochs, batch_size=cfg.e2e_batch_size, lr=cfg.e2e_lr,
               momentum=0.9, weight_decay=cfg.e2e_weight_decay, seed=cfg.seed, cutout=0, select="robust",
               val_eps=cfg.eps_train, val_steps=cfg.val_attack_steps, device=resolve_device(cfg.device), store=store,
-              key=key, progress=progress, param_hook=hook, desc=kind)
+              key=key, progress=progress, param_hook=hook, desc=kind, snapshot_every=cfg.snapshot_every)
     meta = {"kind": "e2e", "baseline": kind, "objective": spec["objective"], "arch": snn.arch,
             "num_classes": snn.num_classes, "width": cfg.width, "T": cfg.T, "scale": cfg.scale,
             "dataset": cfg.dataset, "n_train": len(train), "config": cfg.to_dict(), **rec}

@@ -110,6 +110,9 @@ class Config:
     n_ood: Optional[int] = None       # test images per corruption and severity (None = the whole test subset)
     # uncertainty: the headline SNN is finetuned (and evaluated) once per seed
     headline_seeds: tuple = (0,)
+    # training budgets (the cost figure of nbs/14_baselines.ipynb): keep the weights after every k-th epoch of every
+    # training (0: none); a snapshot never changes what is trained, so no artifact address reads this knob
+    snapshot_every: int = 0
 
     def replace(self, **changes) -> "Config":
         "A copy with `changes` applied (validated like `get_config`'s overrides)."
@@ -125,7 +128,7 @@ class Config:
 
 # %% ../nbs/04_config.ipynb #9b7edea8
 SCALES: dict[str, dict[str, Any]] = {
-    "paper": {},
+    "paper": dict(snapshot_every=20),
     # cpu: chosen by measurement on 2 cores (README "Scales"): VGG-11 ×1/8 channels-last at T = 8 costs 7.8 ms per image
     # per training pass and 5.8 ms per attack pass, so the width stays at 1/8 and the budget goes into data, epochs
     # and 1,000 attacked images (the whole exact test set)
@@ -136,7 +139,7 @@ SCALES: dict[str, dict[str, Any]] = {
                 square_queries=500, eps_curve=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255), strong_steps=20,
                 strong_restarts=1, strong_targets=3, strong_sources=2, conv_sources=1, e2e_epochs=5,
                 e2e_n_train=10000, e2e_attack_steps=2, ablation_T=(4, 16), n_ablation=500, n_ood=500,
-                headline_seeds=(0,)),
+                headline_seeds=(0,), snapshot_every=1),
     "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
                width=0.125, channels_last=False, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
@@ -255,7 +258,7 @@ STAGE_PARENT: dict[str, Optional[str]] = {"ann": None, "convert": "ann", "finetu
 
 #: Fields no artifact address may read: what a run is called, how and where it runs. A stage may read them (the
 #: device to train on, the scale to record in the artifact's metadata), they never change what is built.
-UNKEYED_FIELDS = ("scale", "workers", "device", "out_dir")
+UNKEYED_FIELDS = ("scale", "workers", "device", "out_dir", "snapshot_every")
 
 #: Knobs added after artifacts were first stored, with the behaviour those artifacts were built with. Such a knob
 #: enters its stage's address only when its value differs, so the existing addresses stay valid. A field added to a

@@ -85,7 +85,7 @@ def finetune(snn: SpikingNet, cfg: Config, train, val, store: Optional[ArtifactS
                momentum=cfg.ft_momentum, weight_decay=cfg.ft_weight_decay, seed=cfg.seed, cutout=0,
                select="robust", val_eps=cfg.eps_train, val_steps=cfg.val_attack_steps,
                device=resolve_device(cfg.device), store=store, key=key, progress=progress,
-               desc=f"finetune {cfg.ft_objective}")
+               desc=f"finetune {cfg.ft_objective}", snapshot_every=cfg.snapshot_every)
 
 
 def build_finetuned(cfg: Config, converted: SpikingNet, conv_key: str, train, val,

@@ -208,6 +208,10 @@ class ArtifactStore:
     def resume_path(self, key: str) -> Path:
         return self.root / f"{key}.resume.pt"
 
+    def snapshot_path(self, key: str, epoch: int) -> Path:
+        "The weights of training `key` after `epoch` (kept with `Config.snapshot_every`; see `training.fit`)."
+        return self.root / f"{key}.epoch{int(epoch)}.pt"
+
     def exists(self, key: str) -> bool:
         pt, js = self.paths(key)
         return pt.is_file() and js.is_file()

@@ -274,17 +274,19 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
         select: str = "clean", val_eps: float = 0.0, val_steps: int = 10, device="cpu",
         store: Optional[ArtifactStore] = None, key: Optional[str] = None, progress: bool = True,
         param_hook: Optional[Callable[[nn.Module], None]] = None, desc: str = "train",
-        heartbeat_s: float = 30.0) -> dict:
+        heartbeat_s: float = 30.0, snapshot_every: int = 0) -> dict:
     """Train `step.model` with SGD + cosine schedule for `epochs` epochs; select the epoch with the best validation
     score (`select` = "clean", or "robust": PGD accuracy at `val_eps` with `val_steps` steps; ties go to the later
     epoch). With `store` and `key`, the training state is saved after every epoch and a rerun resumes from it.
     `param_hook(model)` runs after every optimiser step (e.g. SNN-RAT's Parseval retraction).
     It prints one line per epoch, and a resumed run one line saying where it resumed, even with `progress` off; with
     the progress bars off, an epoch longer than `heartbeat_s` seconds also prints a line every `heartbeat_s` seconds.
+    With `snapshot_every=k` (and a store), the weights after every k-th epoch are kept (`store.snapshot_path`) with the
+    training time spent so far: the training budgets of the cost figure.
     Augmentation is the training set's own (`data.augmentation_for(train_ds, cutout)`: its crop and flip; Cutout
     with the dataset's side for `cutout=True`, side `cutout` for an int > 0, none for 0); `crop_padding` / `flip`
     override the dataset's crop (a zero-padded crop) and flip when given.
-    Returns `{"history": [...], "best_epoch": int, "best_score": float, "train_time_s": float}`;
+    Returns `{"history": [...], "best_epoch": int, "best_score": float, "train_time_s": float, "snapshots": [...]}`;
     the model ends with the selected weights."""
     if select not in ("clean", "robust"):
         raise ValueError(f"select must be 'clean' or 'robust', got {select!r}")
@@ -304,7 +306,7 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     state = {"epoch": 0, "history": [], "best_score": -math.inf, "best_epoch": -1, "best_state": None,
-             "train_time_s": 0.0}
+             "train_time_s": 0.0, "snapshots": []}
     resume = store.resume_path(key) if store is not None and key else None
     if resume is not None and resume.exists():
         state = _load_resume(resume, model, opt, sched)
@@ -370,6 +372,12 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
             state.update(best_score=score, best_epoch=epoch,
                          best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         state["epoch"] = epoch
+        if resume is not None and snapshot_every and epoch % snapshot_every == 0 and rank == 0:
+            snap = {"epoch": epoch, "train_time_s": state["train_time_s"], "val_clean_acc": row["val_clean_acc"],
+                    **({"val_robust_acc": row["val_robust_acc"]} if "val_robust_acc" in row else {})}
+            save_torch(store.snapshot_path(key, epoch), {"model": {k: v.detach().cpu() for k, v in
+                                                                   model.state_dict().items()}, **snap})
+            state.setdefault("snapshots", []).append(snap)
         if resume is not None and rank == 0:
             save_torch(resume, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "state": state})
@@ -381,7 +389,7 @@ def fit(step: TrainStep, train_ds, val_ds, *, epochs: int, batch_size: int, lr: 
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     return {"history": state["history"], "best_epoch": state["best_epoch"], "best_score": state["best_score"],
-            "train_time_s": state["train_time_s"]}
+            "train_time_s": state["train_time_s"], "snapshots": state.get("snapshots", [])}
 
 # %% ../nbs/07_training.ipynb #b5d8885e
 def load_splits(cfg) -> tuple:

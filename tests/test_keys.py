@@ -22,7 +22,7 @@ ANN_CHAIN = frozenset({"ann", "convert", "finetune"})
 #: For every Config field, the stages whose address must change when it changes (a stage built on another's artifact
 #: changes with its parent). Every field is listed exactly once; a new field fails the test until it is placed here.
 EXPECTED: dict[frozenset, tuple[str, ...]] = {
-    frozenset(): ("scale", "device", "workers", "out_dir",  # how and where a run is made
+    frozenset(): ("scale", "device", "workers", "out_dir", "snapshot_every",  # how and where a run is made, what it keeps
                   "test_dataset", "n_test", "sweep_T_max", "n_sweep", "eps_test", "eval_pgd_steps", "eval_batch_size",
                   "n_eval", "apgd_steps", "square_queries", "eps_curve", "strong_steps", "strong_restarts",
                   "strong_targets", "strong_sources", "conv_sources", "conv_tol", "ablation_alphas", "ablation_T",
