@@ -11,7 +11,7 @@ import torch
 from .attacks import ensemble_table, eval_mode, table_markdown
 from .config import Config
 from .evaluation import (blackbox, to_bits, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
-                                   strong_curve, strong_stages, whitebox)
+                                   strong_stages, whitebox)
 from .store import ArtifactStore, figures_dir, results_dir, update_summary, write_json
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES, gradient_source
 
@@ -19,7 +19,6 @@ from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES, gradient_source
 __all__ = ['worst_case_over_sources', 'section_models', 'evaluate_protocols', 'run_attack_section', 'render_attacks']
 
 # %% ../nbs/13_attack_ensemble.ipynb #618ecfb6
-import matplotlib.pyplot as plt
 import pandas as pd
 
 # %% ../nbs/13_attack_ensemble.ipynb #2fae0d8b
@@ -73,8 +72,8 @@ def evaluate_protocols(model, key: str, x, y, cfg: Config, store: ArtifactStore,
 # %% ../nbs/13_attack_ensemble.ipynb #d3f1c5ee
 def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Both protocols on the finetuned SNN at ε_test (and on its ANN), the strong protocol with the single strongest
-    source, the robustness-vs-ε curves and the ε_train numbers of the transfer claim (strong protocol), Square and
-    transfer attacks; writes `results/<run>/attacks.json`, the tables and the figure, and the `eval.*` summary keys."""
+    source, Square and transfer attacks (the robustness-vs-ε curves and the ε_train numbers of the transfer claim are
+    the `curves` section's, `baselines.run_curves_section`); writes `results/<run>/attacks.json`, the tables and the figure, and the `eval.*` summary keys."""
     store = store or ArtifactStore()
     M = section_models(cfg, store, progress)
     x, y = eval_images(cfg, M["test"])
@@ -85,10 +84,6 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
     st_single = strong(*snn, x, y, eps, cfg, store, sources=(best,),
                        prior=single_source_prior(list(wb.values()), best), progress=progress)
     ann_wb, ann_st = evaluate_protocols(*ann, x, y, cfg, store, sources=ann_src, progress=progress)
-    curve = strong_curve(*snn, x, y, cfg, store, st, progress=progress)
-    ann_curve = strong_curve(*ann, x, y, cfg, store, ann_st, sources=ann_src, progress=progress)
-    at_train = {name: strong(*M[name], x, y, cfg.eps_train, cfg, store, sources=GRADIENT_SOURCES if name.startswith(
-        "snn") else ann_src, progress=progress) for name in ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")}
     print(f"black-box: Square ({cfg.square_queries} queries) and transfer attacks", flush=True)
     bb = {"square_snn": blackbox(*snn, x, y, "square", eps, cfg, store, progress=progress),
           "square_ann": blackbox(*ann, x, y, "square", eps, cfg, store, progress=progress),
@@ -111,8 +106,6 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
            "whitebox": wb, "ann_whitebox": ann_wb, "strong": st, "ann_strong": ann_st,
            "strong_single_source": {**slim(st_single), "source": best},
            "sanity_checks": wb["pgd"].get("checks", {}),
-           "eps_curve": {"snn_strong": curve, "ann_strong": ann_curve},
-           "at_eps_train": {k: slim(v) for k, v in at_train.items()},
            "blackbox": {k: {**{kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")},
                             "robust": to_bits(v["robust"])} for k, v in bb.items()},
            "converged": bool(st["converged"] and ann_st["converged"]), "warnings": warnings, "reliable": not warnings}
@@ -186,11 +179,3 @@ def render_attacks(out: dict) -> None:
     bdf = pd.DataFrame([(m, a, format_acc(v, n)) for m, a, v in rows], columns=["model", "attack", "robust accuracy"])
     write_table(bdf, fdir / "attack_blackbox_table", f"White-box vs black-box at ε={cfg.eps_test * 255:g}/255 "
                 f"(scale {cfg.scale}, n={n}, 95% Wilson intervals)")
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for label, c in (("SNN, strong protocol over 19 sources", out["eps_curve"]["snn_strong"]),
-                     ("ANN (PGD-AT), strong protocol", out["eps_curve"]["ann_strong"])):
-        es = sorted(c, key=float)
-        ax.plot([float(e) * 255 for e in es], [c[e] for e in es], "o-", label=label)
-    ax.set(xlabel="ε (/255)", ylabel="robust accuracy", title=f"Accuracy vs ε (scale {cfg.scale}, n={n})")
-    ax.legend(fontsize=8); fig.tight_layout()
-    fig.savefig(fdir / "attack_eps_curve.png", dpi=120); plt.close(fig)

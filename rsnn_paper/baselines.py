@@ -16,8 +16,9 @@ from .store import ArtifactStore, figures_dir, load_into, results_dir, update_su
 from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel, seed_from_key, seeded
 
 # %% auto #0
-__all__ = ['BASELINES', 'EVAL_FIELDS', 'parseval_retraction', 'project_simplex', 'ParsevalHook', 'build_e2e', 'evaluate_snn',
-           'run_baselines_section', 'headline_seeds', 'render_baselines']
+__all__ = ['BASELINES', 'EVAL_FIELDS', 'CURVE_MODELS', 'TRANSFER_MODELS', 'parseval_retraction', 'project_simplex',
+           'ParsevalHook', 'build_e2e', 'evaluate_snn', 'run_baselines_section', 'headline_seeds', 'render_baselines',
+           'run_curves_section', 'render_curves']
 
 # %% ../nbs/14_baselines.ipynb #1cefd2a5
 import matplotlib.pyplot as plt
@@ -164,7 +165,7 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     ensembles, measure their cost, and write `results/<scale>/baselines.json`, the main table, the cost table,
     the figure, and the `eval.snn.e2e_at.*` / `eval.snn.snn_rat.*` keys of summary.json."""
     from rsnn_paper.attack_section import evaluate_protocols, section_models
-    from rsnn_paper.evaluation import eval_images, strong_points, to_bits
+    from rsnn_paper.evaluation import eval_images, to_bits
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     splits = load_splits(cfg)
@@ -193,10 +194,7 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
                       **evaluate_snn(model, meta["key"], x, y, cfg, store, ann, progress)}
         cost[kind] = _cost(model, x, cfg)
     from rsnn_paper.surrogates import DEFAULT_SOURCE
-    for k, (m, mk) in nets.items():  # robust accuracy vs ε: the strong protocol for every SNN (per image: paired tests)
-        pts = strong_points(m, mk, x, y, cfg, store, rows[k]["strong"], progress=progress)
-        rows[k]["strong_curve"] = {e: p["robust_acc"] for e, p in pts.items()}
-        rows[k]["strong_curve_robust"] = {e: p["robust"] for e, p in pts.items()}
+    for k in nets:  # per-image outcomes of the strong protocol: the claims compare the models with paired tests
         rows[k]["strong_robust"] = to_bits(rows[k]["strong"]["robust"])
     a, ast = evaluate_protocols(*ann, x, y, cfg, store, sources=(DEFAULT_SOURCE,), progress=progress)
     ann_row = {"label": "ANN, PGD-AT (reference)", "key": ann[1], "n": len(y), "clean_acc": a["pgd"]["clean_acc"],
@@ -292,26 +290,105 @@ def render_baselines(out: dict) -> list:
     ax.set(xlabel="spiking layer", ylabel="spike rate (per neuron per step)", title=f"Spike rates (T={out['T']}, scale {scale})")
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(fdir / "spike_rates.png", dpi=120); plt.close(fig)
-    paths = [fdir / "main_table.md", fdir / "cost_table.md", fdir / "spike_rates.png"]
-    if all("strong_curve" in m for m in out["models"].values()):  # results written before the curve have none
-        paths.append(_plot_eps_curves(out, fdir / "main_eps_curve.png"))
+    return [fdir / "main_table.md", fdir / "cost_table.md", fdir / "spike_rates.png"]
+
+# %% ../nbs/14_baselines.ipynb #c7a1e3b2
+#: The models of the robustness-vs-ε curves: the SNNs of the main table and the PGD-AT ANN (attacked with its gradient).
+CURVE_MODELS = ("finetuned", *BASELINES, "ann_pgd_at")
+#: The models of the transfer claim, evaluated at ε_train.
+TRANSFER_MODELS = ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")
+
+
+def _slim(r: dict) -> dict:
+    "A strong-protocol record without its per-image lists, its per-image outcomes kept as a `to_bits` string."
+    from rsnn_paper.evaluation import to_bits
+    return {**{k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")},
+            "robust": to_bits(r["robust"])}
+
+
+def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
+    """Robust accuracy against ε (every ε of `cfg.eps_curve`, strong protocol) of the finetuned SNN, both end-to-end
+    baselines and the PGD-AT ANN, and the four models of the transfer claim at ε_train (the SNNs converted from the
+    PGD-AT and the clean ANN, and those ANNs), on the images of the main table, per-image outcomes kept for the paired
+    tests. The points at ε_test are the main table's own records. The most expensive evaluation of a run, hence its
+    own section (at scale `cpu` a sitting of its own, after `attacks` and `baselines`). Writes
+    `results/<run>/curves.json`, the curve table and both curve figures."""
+    from rsnn_paper.attack_section import evaluate_protocols, section_models
+    from rsnn_paper.evaluation import eval_images, strong, strong_points
+    from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
+    from rsnn_paper.training import load_splits
+    store = store or ArtifactStore()
+    splits = load_splits(cfg)
+    M = section_models(cfg, store, progress, splits)
+    x, y = eval_images(cfg, splits[2])
+    ann_src = (DEFAULT_SOURCE,)
+    nets = {"finetuned": (M["snn_pgd_at"], GRADIENT_SOURCES)}
+    for kind in BASELINES:
+        m, meta = build_e2e(cfg, kind, store, splits, progress=progress)
+        nets[kind] = ((m, meta["key"]), GRADIENT_SOURCES)
+    nets["ann_pgd_at"] = (M["ann_pgd_at"], ann_src)
+    labels = {"finetuned": "SNN converted from the PGD-AT ANN + KL+CE finetuning (ours)",
+              **{k: v["label"] for k, v in BASELINES.items()},
+              "ann_pgd_at": "ANN, PGD-AT (reference)"}
+    models = {}
+    for k, ((m, mk), srcs) in nets.items():
+        _, at_test = evaluate_protocols(m, mk, x, y, cfg, store, sources=srcs, progress=progress)  # the main table's
+        pts = strong_points(m, mk, x, y, cfg, store, at_test, sources=srcs, progress=progress)
+        models[k] = {"label": labels[k], "key": mk, "sources": len(srcs),
+                     "strong_curve": {e: p["robust_acc"] for e, p in pts.items()},
+                     "strong_curve_robust": {e: p["robust"] for e, p in pts.items()},
+                     "converged": bool(at_test["converged"])}
+    at_train = {name: strong(*M[name], x, y, cfg.eps_train, cfg, store, sources=GRADIENT_SOURCES if name.startswith(
+        "snn") else ann_src, progress=progress) for name in TRANSFER_MODELS}
+    out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
+           "n_images": len(y), "eps": cfg.eps_test, "eps_train": cfg.eps_train,
+           "eps_curve": [float(e) for e in cfg.eps_curve], "config": cfg.to_dict(), "protocol": "strong",
+           "models": models, "at_eps_train": {k: _slim(v) for k, v in at_train.items()},
+           "converged": all(bool(v["converged"]) for v in at_train.values())}
+    write_json(results_dir(cfg) / "curves.json", out)
+    render_curves(out)
+    return out
+
+
+def render_curves(out: dict) -> list:
+    "Write the curve table and both curve figures of `curves.json`'s content; returns the paths."
+    from rsnn_paper.ann import write_table
+    from rsnn_paper.metrics import format_acc
+    from rsnn_paper.store import run_of
+    fdir = figures_dir(run_of(out))
+    fdir.mkdir(parents=True, exist_ok=True)
+    n, m = out["n_images"], out["models"]
+    eps = sorted(next(iter(m.values()))["strong_curve"], key=float)
+    col = lambda e: "clean" if float(e) == 0 else f"ε={round(float(e) * 255, 2):g}/255"
+    rows = [{"model": r["label"], **{col(e): format_acc(r["strong_curve"][e], n) for e in eps}} for r in m.values()]
+    rows += [{"model": f"at ε_train: {k}", col(out["eps_train"]): format_acc(r["robust_acc"], n)}
+             for k, r in out["at_eps_train"].items()]
+    write_table(pd.DataFrame(rows).fillna(""), fdir / "curve_table",
+                f"Robust accuracy against ε, strong protocol (scale {out['scale']}, T={out['T']}, n={n}, 95% Wilson "
+                f"intervals; the SNNs over the 19 gradient sources, the ANN over its one; "
+                f"last rows: the models of the transfer claim at ε_train)")
+    snns = {k: r for k, r in m.items() if k in ("finetuned", *BASELINES)}
+    paths = [fdir / "curve_table.md", _plot_eps_curves(snns, out, fdir / "main_eps_curve.png",
+                                                        f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")]
+    pair = {k: m[k] for k in ("finetuned", "ann_pgd_at") if k in m}
+    paths.append(_plot_eps_curves(pair, out, fdir / "attack_eps_curve.png",
+                                  f"The SNN and its ANN against ε (scale {out['scale']}, n={n})"))
     return paths
 
 
-def _plot_eps_curves(out: dict, path) -> Path:
-    "Robust accuracy vs ε of every SNN of the main table, with 95% Wilson intervals as error bars."
+def _plot_eps_curves(models: dict, out: dict, path, title: str) -> Path:
+    "Robust accuracy vs ε of `models` (entries of `curves.json`), with 95% Wilson intervals as error bars."
     from rsnn_paper.metrics import wilson_interval
     n = out["n_images"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, m in enumerate(out["models"].values()):
+    for i, m in enumerate(models.values()):
         es = sorted(m["strong_curve"], key=float)
         acc = np.array([m["strong_curve"][e] for e in es])
         lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
-        x = np.array([float(e) * 255 for e in es]) + (i - 1) * 0.15  # a small offset keeps the bars apart
+        x = np.array([float(e) * 255 for e in es]) + (i - (len(models) - 1) / 2) * 0.15  # offsets keep bars apart
         ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
     ax.axvline(out["eps"] * 255, ls=":", c="gray", label="ε_test (the main table)")
-    ax.set(xlabel="ε (/255)", ylabel="robust accuracy (strong protocol)",
-           title=f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")
+    ax.set(xlabel="ε (/255)", ylabel="robust accuracy (strong protocol)", title=title)
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(path, dpi=120); plt.close(fig)
     return Path(path)

@@ -29,12 +29,13 @@ def _sections():
     from rsnn_paper.conversion import run_conversion_section
     from rsnn_paper.finetune import run_finetune_section
     from rsnn_paper.attack_section import run_attack_section
-    from rsnn_paper.baselines import run_baselines_section
+    from rsnn_paper.baselines import run_baselines_section, run_curves_section
     from rsnn_paper.ablations import run_ablation_section
     from rsnn_paper.ood import run_ood_section
     from rsnn_paper.paper import render_all, write_claims
     runners = {"ann": run_ann_section, "conversion": run_conversion_section, "finetune": run_finetune_section,
-               "attacks": run_attack_section, "baselines": run_baselines_section, "ablations": run_ablation_section,
+               "attacks": run_attack_section, "baselines": run_baselines_section, "curves": run_curves_section,
+               "ablations": run_ablation_section,
                "ood": run_ood_section}
     out = [(name, lambda cfg, store, progress, f=f: f(cfg, store=store, progress=progress)) for name, f in runners.items()]
     return out + [("paper", lambda cfg, store, progress: (render_all(_paper_target(cfg)),
@@ -158,7 +159,7 @@ def cmd_render(args) -> int:
 
 
 #: The sections a seed run needs for the claims (the ablations are not among them).
-SEED_SECTIONS = ("ann", "conversion", "finetune", "attacks", "baselines", "ood")
+SEED_SECTIONS = ("ann", "conversion", "finetune", "attacks", "baselines", "curves", "ood")
 
 
 def cmd_seeds(args) -> int:

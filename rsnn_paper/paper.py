@@ -11,8 +11,9 @@ from .baselines import BASELINES
 from .store import figures_dir, read_json, results_dir, write_json
 
 # %% auto #0
-__all__ = ['SECTIONS', 'TEST', 'ALPHA', 'MARGIN', 'N_BOOT', 'RATIO_CAP', 'CLAIMS', 'CLAIM_SECTIONS', 'SEED_TABLE_KEYS',
-           'MissingResultError', 'render_all', 'mcnemar', 'claim_transfer', 'claim_vs_e2e', 'claim_ensemble',
+__all__ = ['SECTIONS', 'HEADLINE_SECTIONS', 'TEST', 'ALPHA', 'MARGIN', 'N_BOOT', 'RATIO_CAP', 'TRANSFER_CLAIM', 'OOD_CLAIM',
+           'CLAIMS', 'CLAIM_SECTIONS', 'LATER_CLAIM_SECTIONS', 'SEED_TABLE_KEYS', 'MissingResultError',
+           'pending_sections', 'render_all', 'mcnemar', 'claim_transfer', 'claim_vs_e2e', 'claim_ensemble',
            'claim_blackbox', 'claim_ood', 'load_results', 'compute_claims', 'fold_seeds', 'read_seeds', 'write_claims',
            'seed_spread', 'render_seeds', 'update_readme']
 
@@ -28,11 +29,11 @@ SECTIONS = {  # results file -> (renderer module, renderer name, the files it re
                  ("finetune_table.md", "finetune_table.csv", "finetune_thresholds.png", "finetune_curves.png")),
     "attacks": ("rsnn_paper.attack_section", "render_attacks",
                 ("attack_sources_table.md", "attack_sources_table.csv", "attack_strong_table.md",
-                 "attack_strong_table.csv", "attack_blackbox_table.md", "attack_blackbox_table.csv",
-                 "attack_eps_curve.png")),
+                 "attack_strong_table.csv", "attack_blackbox_table.md", "attack_blackbox_table.csv")),
     "baselines": ("rsnn_paper.baselines", "render_baselines",
-                  ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png",
-                   "main_eps_curve.png")),
+                  ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png")),
+    "curves": ("rsnn_paper.baselines", "render_curves",
+               ("curve_table.md", "curve_table.csv", "main_eps_curve.png", "attack_eps_curve.png")),
     "ablations": ("rsnn_paper.ablations", "render_ablations", ("ablation_table.md", "ablation_table.csv", "ablations.png")),
     "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
 }
@@ -48,16 +49,33 @@ def _renderer(section: str) -> Callable[[dict], object]:
     return getattr(importlib.import_module(mod), name)
 
 
+#: The sections every run renders; the others (each a further sitting at scale `cpu`) are rendered once they ran.
+HEADLINE_SECTIONS = ("ann", "conversion", "finetune", "attacks", "baselines")
+
+
+def pending_sections(scale: str) -> list[str]:
+    "The sections of `SECTIONS` outside the headline whose results `scale` does not have yet."
+    rdir = results_dir(scale)
+    return [s for s in SECTIONS if s not in HEADLINE_SECTIONS and not (rdir / f"{s}.json").is_file()]
+
+
 def render_all(scale: str) -> list[Path]:
-    """Re-render every section's tables and figures from `results/<scale>/*.json`; raises `MissingResultError`
-    naming every missing results file or rendered output. Returns the rendered paths."""
+    """Re-render every section's tables and figures from `results/<scale>/*.json` (a section outside
+    `HEADLINE_SECTIONS` that has not run yet is skipped and named); raises `MissingResultError` naming every missing
+    headline results file or rendered output. Returns the rendered paths."""
     rdir, fdir = results_dir(scale), figures_dir(scale)
-    missing = [str(rdir / f"{s}.json") for s in SECTIONS if not (rdir / f"{s}.json").is_file()]
+    missing = [str(rdir / f"{s}.json") for s in HEADLINE_SECTIONS if not (rdir / f"{s}.json").is_file()]
     if missing:
         raise MissingResultError(f"missing results for scale {scale!r}: {', '.join(missing)}; run "
                                  f"`rsnn-paper reproduce --scale {scale}` (or the section notebooks) first")
+    later = pending_sections(scale)
+    if later:
+        print(f"not rendered (not run yet): {', '.join(later)} — `rsnn-paper reproduce --scale "
+              f"{Path(str(scale)).name} --sections {','.join(later)},paper`", flush=True)
     paths = []
     for s, (_, _, files) in SECTIONS.items():
+        if s in later:
+            continue
         _renderer(s)({**read_json(rdir / f"{s}.json"), "render_to": str(fdir.resolve())})
         paths += [fdir / f for f in files]
     seeds = read_seeds(scale)  # the spread over seeds, when measured (`seed_spread`)
@@ -158,9 +176,22 @@ def _more_robust(a: list | None, b: list | None, wilson: tuple[dict, dict]) -> t
     return yes, no, p
 
 
+def _pending(cid: str, claim: str, section: str, eps: str) -> dict:
+    "A claim whose results section has not run yet: no verdict, and what to run."
+    return {"id": cid, "claim": claim, "holds": None, "firm": False, "eps": eps, "protocol": "strong", "test": TEST,
+            "converged": None, "pending": f"the {section} section has not run: `rsnn-paper reproduce --sections "
+                                          f"{section},paper`", "numbers": {}}
+
+
+TRANSFER_CLAIM = ("Robustness transfers from the ANN: the SNN converted from the PGD-AT ANN and finetuned is more "
+                  "robust at ε_train than the SNN from the clean ANN, and within 5 points of its ANN")
+
+
 def claim_transfer(R: dict) -> dict:
-    "Robustness transfers from the ANN (strong protocol at ε_train, on the section-4 images)."
-    a = R["attacks"]
+    "Robustness transfers from the ANN (strong protocol at ε_train, on the main table's images; the `curves` section)."
+    if "curves" not in R:
+        return _pending("transfer", TRANSFER_CLAIM, "curves", _eps(R["attacks"]["eps_train"]))
+    a = R["curves"]
     n = a["n_images"]
     e = a["at_eps_train"]
     ours, other, robust_ann, clean_ann = (_acc(e[k]["robust_acc"], n) for k in
@@ -174,9 +205,7 @@ def claim_transfer(R: dict) -> dict:
     firm_gap = gap_ci is None or gap_ci[1] <= 0.05
     firm = (holds and yes and firm_gap) or (not holds and (no or (gap_ci is not None and gap_ci[0] > 0.05)))
     conv = all(e[k]["converged"] for k in e)
-    return {"id": "transfer",
-            "claim": "Robustness transfers from the ANN: the SNN converted from the PGD-AT ANN and finetuned is more "
-                     "robust at ε_train than the SNN from the clean ANN, and within 5 points of its ANN",
+    return {"id": "transfer", "claim": TRANSFER_CLAIM,
             **_decided(holds, firm, _eps(a["eps_train"]), conv, paired=paired),
             "numbers": {"snn_from_pgd_at_ann": ours, "snn_from_clean_ann": other, "pgd_at_ann": robust_ann,
                         "clean_ann": clean_ann, "gap_to_ann": float(gap),
@@ -208,15 +237,16 @@ def claim_vs_e2e(R: dict) -> dict:
                                      _robust_bits(m[best].get("strong_robust")), ours, theirs)
     firm = (holds and yes) or (not holds and no)  # a failed clean-loss condition alone is reported, not tested
     by_eps = {}  # ours vs the best baseline *at each ε* of the robustness curves (each with its own verdict)
-    curves = all("strong_curve" in m[k] for k in ("finetuned", *BASELINES))
-    for e in sorted(m["finetuned"]["strong_curve"], key=float) if curves else ():
-        if float(e) == 0 or any(e not in m[k]["strong_curve"] for k in BASELINES):
+    cm = R["curves"]["models"] if "curves" in R else {}
+    curves = all(k in cm for k in ("finetuned", *BASELINES))
+    for e in sorted(cm["finetuned"]["strong_curve"], key=float) if curves else ():
+        if float(e) == 0 or any(e not in cm[k]["strong_curve"] for k in BASELINES):
             continue
-        k = max(BASELINES, key=lambda k: m[k]["strong_curve"][e])
-        a, c = m["finetuned"]["strong_curve"][e], m[k]["strong_curve"][e]
+        k = max(BASELINES, key=lambda k: cm[k]["strong_curve"][e])
+        a, c = cm["finetuned"]["strong_curve"][e], cm[k]["strong_curve"][e]
         o, t = _acc(a, n), _acc(c, n)
         h = (a / c if c > 0 else float("inf")) >= 1.5
-        vec = lambda name: _robust_bits((m[name].get("strong_curve_robust") or {}).get(e))
+        vec = lambda name: _robust_bits((cm[name].get("strong_curve_robust") or {}).get(e))
         y_, n_, p_ = _ratio_verdict(vec("finetuned"), vec(k), o, t)
         by_eps[_eps(e)] = {"ours": o, "e2e": t, "e2e_model": k, **({"ratio": float(a / c)} if c > 0 else {}),
                            **({"ratio_ci": p_["ratio_ci"], "p_ours_greater": p_["p_a_greater"]} if p_ else {}),
@@ -271,16 +301,21 @@ def claim_blackbox(R: dict) -> dict:
             "numbers": {"whitebox_strongest": wb, **bb}}
 
 
+OOD_CLAIM = ("Robust models degrade less under common corruptions (relative drop of the mean corrupted accuracy from "
+             "the clean accuracy, robust vs clean; ANNs and SNNs)")
+
+
 def claim_ood(R: dict) -> dict:
     from rsnn_paper.ood import mean_corrupted
+    if "ood" not in R:
+        return {**_pending("ood", OOD_CLAIM, "ood", "corruptions"), "protocol": "clean accuracy on corrupted images",
+                "test": "none (relative drops compared as measured)"}
     o = R["ood"]
     n = o["n_images"] * len(o["severities"]) * len(next(iter(o["corrupted"].values())))
     rel = {k: 1 - mean_corrupted(o, k) / max(o["clean_acc"][k], 1e-12) for k in o["corrupted"]}
     pairs = [("ann_pgd_at", "ann_clean"), ("snn_pgd_at", "snn_clean")]
     holds = all(rel[a] < rel[b] for a, b in pairs)
-    return {"id": "ood",
-            "claim": "Robust models degrade less under common corruptions (relative drop of the mean corrupted "
-                     "accuracy from the clean accuracy, robust vs clean; ANNs and SNNs)",
+    return {"id": "ood", "claim": OOD_CLAIM,
             **_decided(holds, False, "corruptions", None, "clean accuracy on corrupted images",
                        test="none (relative drops compared as measured)"),
             "numbers": {"relative_drop": {k: float(v) for k, v in rel.items()},
@@ -290,7 +325,9 @@ def claim_ood(R: dict) -> dict:
 
 CLAIMS = (claim_transfer, claim_vs_e2e, claim_ensemble, claim_blackbox, claim_ood)
 #: The results files the claims read (the ablations are not among them: a run without them still has its claims).
-CLAIM_SECTIONS = ("ann", "attacks", "baselines", "ood")
+CLAIM_SECTIONS = ("ann", "attacks", "baselines", "curves", "ood")
+#: Of those, the ones a run may not have yet (a further sitting at scale `cpu`): their claims are pending until then.
+LATER_CLAIM_SECTIONS = ("curves", "ood")
 
 
 def load_results(scale: str, sections=None) -> dict:
@@ -308,7 +345,9 @@ def load_results(scale: str, sections=None) -> dict:
 def compute_claims(scale: str) -> list[dict]:
     """The claims table of `scale` (a scale, run name or folder), computed from its results files; each entry has id,
     claim, holds, firm, eps, protocol, test, converged, numbers, scale."""
-    R = load_results(scale, CLAIM_SECTIONS)
+    rdir = results_dir(scale)
+    R = load_results(scale, [s for s in CLAIM_SECTIONS if s not in LATER_CLAIM_SECTIONS
+                             or (rdir / f"{s}.json").is_file()])
     meta = {"scale": R["ann"].get("scale", scale), "dataset": R["ann"]["dataset"],
             "test_dataset": R["ann"]["test_dataset"]}
     return [{**c(R), **meta} for c in CLAIMS]
@@ -370,7 +409,8 @@ def write_claims(scale: str) -> list[dict]:
     seeded = any("seeds" in c for c in claims)
     rows = []
     for c in claims:
-        row = {"claim": c["claim"], "ε": c["eps"], "holds": "yes" if c["holds"] else "no",
+        row = {"claim": c["claim"], "ε": c["eps"],
+               "holds": "not measured yet" if c["holds"] is None else "yes" if c["holds"] else "no",
                "firm": "yes" if c["firm"] else "no",
                "evaluation converged": {True: "yes", False: "NO", None: "–"}[c["converged"]]}
         if seeded:
@@ -378,7 +418,7 @@ def write_claims(scale: str) -> list[dict]:
             row["over seeds"] = "–" if s is None else (
                 f"seeds {s['seeds']}: holds {['yes' if h else 'no' for h in s['holds']]}; "
                 + "; ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in s["spread"].items()))
-        row["numbers"] = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items())
+        row["numbers"] = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items()) or c.get("pending", "")
         if c.get("paired"):
             p = c["paired"]
             row["paired test"] = "; ".join(f"{k}: {_fmt_paired(v)}" for k, v in p.items()) if all(

@@ -118,9 +118,9 @@ def test_seed_spread_reads_the_seed_runs_and_write_claims_folds_it_in(tmp_path, 
             shutil.copy(src / f"{s}.json", tmp_path / "results" / run / f"{s}.json")
     # seed 1: the ANN of the transfer claim is much less robust, and another summary number moved
     p = tmp_path / "results" / "ci+seed=1"
-    a = json.loads((p / "attacks.json").read_text())
+    a = json.loads((p / "curves.json").read_text())
     a["at_eps_train"]["ann_pgd_at"]["robust_acc"] = 0.0
-    (p / "attacks.json").write_text(json.dumps(a))
+    (p / "curves.json").write_text(json.dumps(a))
     s = json.loads((p / "summary.json").read_text())
     s["eval.snn.finetuned.clean_acc"] += 0.05
     (p / "summary.json").write_text(json.dumps(s))

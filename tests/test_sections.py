@@ -118,7 +118,8 @@ def test_config_round_trip_and_tuple_overrides():
 
 def test_cli_reproduce_runs_every_section_in_order():
     from rsnn_paper.cli import _sections
-    assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "ablations", "ood",
+    assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "curves", "ablations",
+                                            "ood",
                                             "paper"]
 
 
@@ -146,8 +147,6 @@ def _fake_results(robust_snn=0.30, other_snn=0.22, e2e=0.05, ens=0.10, single=0.
                                     "best_single_source": "pcw_1"}, "fgsm": {"ensemble_acc": 0.2}},
                "strong": {**st(ens), "whitebox_acc": ens},
                "strong_single_source": {**st(single), "source": "pcw_1"},
-               "at_eps_train": {"snn_pgd_at": st(robust_snn), "snn_clean": st(other_snn), "ann_pgd_at": st(0.32),
-                                "ann_clean": st(0.28)},
                "blackbox": {"square_snn": {"robust_acc": 0.2}, "transfer_from_ann": {"robust_acc": 0.25},
                             "square_ann": {"robust_acc": 0.3}}}
     fams = {"gaussian_noise": {"1": 0.4, "5": 0.2}}
@@ -155,7 +154,10 @@ def _fake_results(robust_snn=0.30, other_snn=0.22, e2e=0.05, ens=0.10, single=0.
                                                                "snn_pgd_at": 0.42},
            "corrupted": {"ann_clean": fams, "ann_pgd_at": {"gaussian_noise": {"1": 0.42, "5": 0.35}},
                          "snn_clean": fams, "snn_pgd_at": {"gaussian_noise": {"1": 0.40, "5": 0.33}}}}
-    return {"ann": ann, "finetune": finetune, "baselines": base, "attacks": attacks, "ood": ood}
+    curves = {"n_images": 100, "eps": 8 / 255, "eps_train": 2 / 255, "models": {},
+              "at_eps_train": {"snn_pgd_at": st(robust_snn), "snn_clean": st(other_snn), "ann_pgd_at": st(0.32),
+                               "ann_clean": st(0.28)}}
+    return {"ann": ann, "finetune": finetune, "baselines": base, "attacks": attacks, "curves": curves, "ood": ood}
 
 
 def test_claims_are_computed_from_the_numbers():
@@ -177,21 +179,28 @@ def test_claims_are_computed_from_the_numbers():
     assert not paper.claim_blackbox(R2)["holds"]
     # a claim resting on an evaluation that did not converge is never firm
     R3 = _fake_results(robust_snn=0.45, other_snn=0.10)
-    R3["attacks"]["at_eps_train"]["ann_pgd_at"]["robust_acc"] = 0.46
+    R3["curves"]["at_eps_train"]["ann_pgd_at"]["robust_acc"] = 0.46
     assert paper.claim_transfer(R3)["firm"]
-    R3["attacks"]["at_eps_train"]["snn_pgd_at"]["converged"] = False
+    R3["curves"]["at_eps_train"]["snn_pgd_at"]["converged"] = False
     c = paper.claim_transfer(R3)
     assert c["holds"] and not c["firm"] and c["converged"] is False
+    # a run without the curves or the corruptions yet (a further sitting): those claims are pending, the others decided
+    R4 = _fake_results()
+    del R4["curves"], R4["ood"]
+    cs = {c["id"]: c for c in (f(R4) for f in paper.CLAIMS)}
+    assert cs["transfer"]["holds"] is None and "curves" in cs["transfer"]["pending"] and not cs["transfer"]["firm"]
+    assert cs["ood"]["holds"] is None and "ood" in cs["ood"]["pending"]
+    assert cs["vs_e2e"]["holds"] and cs["vs_e2e"]["numbers"]["by_eps"] == {}
 
 
 def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
     R = _fake_results()
     assert paper.claim_vs_e2e(R)["numbers"]["by_eps"] == {}  # results without curves: no by-ε numbers
     curve = lambda *a: {f"{e / 255:.6f}": v for e, v in zip((0, 2, 8), a)}
-    m = R["baselines"]["models"]
-    m["finetuned"]["strong_curve"] = curve(0.45, 0.30, 0.12)
-    m["e2e_at"]["strong_curve"] = curve(0.30, 0.10, 0.05)
-    m["snn_rat"]["strong_curve"] = curve(0.28, 0.0, 0.025)
+    m = R["curves"]["models"]
+    m["finetuned"] = {"strong_curve": curve(0.45, 0.30, 0.12)}
+    m["e2e_at"] = {"strong_curve": curve(0.30, 0.10, 0.05)}
+    m["snn_rat"] = {"strong_curve": curve(0.28, 0.0, 0.025)}
     c = paper.claim_vs_e2e(R)
     by = c["numbers"]["by_eps"]
     assert list(by) == ["2/255", "8/255"]  # ε = 0 (clean) is not a robustness comparison
@@ -205,35 +214,52 @@ def test_claim_vs_e2e_reports_every_eps_of_the_curves_but_decides_at_eps_test():
     assert "ratio" not in paper.claim_vs_e2e(R)["numbers"]["by_eps"]["2/255"]  # never inf or NaN
 
 
-def test_main_eps_curve_is_rendered_with_intervals(tmp_path, monkeypatch):
-    from rsnn_paper.baselines import render_baselines
+def test_the_curves_are_rendered_with_intervals(tmp_path, monkeypatch):
+    from rsnn_paper.baselines import CURVE_MODELS, render_curves
     monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
     curve = {f"{e / 255:.6f}": a for e, a in ((0, 0.4), (4, 0.2), (8, 0.1))}
-    row = lambda label: {"label": label, "clean_acc": 0.4, "fgsm.ensemble_acc": 0.2, "pgd.ensemble_acc": 0.1,
-                         "apgd.ensemble_acc": 0.1, "strong.robust_acc": 0.08, "strong.converged": True,
-                         "train_time_s": 1.0, "strong_curve": curve}
-    cost = {"T": 4, "mean_spike_rate": 0.1, "spike_rates": {"l1": 0.1, "l2": 0.2}, "energy_ratio": 0.2,
-            "snn": {"ac": 1e6, "mac": 1e5}, "ann": {"mac": 2e6}}
-    out = {"scale": "ci", "dataset": "d", "test_dataset": "t", "n_images": 100, "eps": 8 / 255, "T": 4,
-           "ann": row("ANN"), "models": {k: row(k) for k in ("finetuned", "e2e_at", "snn_rat")},
-           "cost": {k: cost for k in ("finetuned", "e2e_at", "snn_rat")}}
-    paths = render_baselines(out)
-    assert [p.name for p in paths] == ["main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png"]
+    st = {"robust_acc": 0.3, "converged": True, "robust": "1100"}
+    out = {"scale": "ci", "n_images": 100, "eps": 8 / 255, "eps_train": 2 / 255, "T": 4,
+           "models": {k: {"label": k, "strong_curve": curve} for k in CURVE_MODELS},
+           "at_eps_train": {k: st for k in ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")}}
+    paths = render_curves(out)
+    assert [p.name for p in paths] == ["curve_table.md", "main_eps_curve.png", "attack_eps_curve.png"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
-    for m in out["models"].values():
-        del m["strong_curve"]  # results written before the curves: no figure, and render_all names it as missing
-    assert "main_eps_curve.png" not in [p.name for p in render_baselines(out)]
+    table = paths[0].read_text()
+    assert "8/255" in table and "at ε_train: snn_clean" in table and "0.300 [" in table
 
 
 def test_render_all_fails_on_a_missing_results_file(tmp_path, monkeypatch):
     monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
     (tmp_path / "results" / "ci").mkdir(parents=True)
-    for s in list(paper.SECTIONS)[:-1]:
-        (tmp_path / "results" / "ci" / f"{s}.json").write_text("{}")
-    with pytest.raises(paper.MissingResultError, match="ood.json"):
+    for s in paper.SECTIONS:
+        if s != "baselines":  # a headline section missing: an error naming it
+            (tmp_path / "results" / "ci" / f"{s}.json").write_text("{}")
+    with pytest.raises(paper.MissingResultError, match="baselines.json"):
         paper.render_all("ci")
     with pytest.raises(paper.MissingResultError, match="rsnn-paper reproduce"):
         paper.compute_claims("ci")
+
+
+def test_render_all_skips_and_names_the_sections_of_a_later_sitting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    (tmp_path / "results" / "ci").mkdir(parents=True)
+    for s in paper.HEADLINE_SECTIONS:
+        (tmp_path / "results" / "ci" / f"{s}.json").write_text("{}")
+    rendered = []
+
+    def fake(s):
+        def render(out):
+            rendered.append(s)
+            for f in paper.SECTIONS[s][2]:
+                (tmp_path / "figures" / "ci").mkdir(parents=True, exist_ok=True)
+                (tmp_path / "figures" / "ci" / f).write_text("x")
+        return render
+    monkeypatch.setattr(paper, "_renderer", fake)
+    paper.render_all("ci")
+    assert rendered == list(paper.HEADLINE_SECTIONS)
+    assert paper.pending_sections("ci") == ["curves", "ablations", "ood"]
+    assert "--sections curves,ablations,ood,paper" in capsys.readouterr().out
 
 
 def test_render_all_fails_when_a_renderer_leaves_an_output_out(tmp_path, monkeypatch):
