@@ -58,14 +58,9 @@ def ablation_variants(cfg: Config) -> list[dict]:
 # %% ../nbs/15_ablations.ipynb #8751f650
 def build_variant(cfg: Config, variant: dict, store: ArtifactStore, splits, progress: bool = False):
     "The finetuned SNN of `variant` (ANN → conversion → finetuning, each reused when stored): `(snn, key, cfg_v)`."
-    from rsnn_paper.ann import build_ann
-    from rsnn_paper.conversion import build_converted
-    from rsnn_paper.finetune import build_finetuned
+    from rsnn_paper.pipeline import build_chain
     cv = cfg.replace(**variant["overrides"])
-    train, val, _ = splits
-    ann, ameta = build_ann(cv, variant["ann_objective"], store, splits, progress=progress)
-    conv, cmeta = build_converted(cv, ann, ameta["key"], train, store, progress=progress)
-    snn, meta = build_finetuned(cv, conv, cmeta["key"], train, val, store, progress=progress)
+    snn, meta = build_chain(cv, variant["ann_objective"], store, splits, progress=progress)["finetune"]
     return snn.eval(), meta["key"], cv
 
 

@@ -43,19 +43,9 @@ def worst_case_over_sources(model, x: torch.Tensor, y: torch.Tensor, attack: Cal
 # %% ../nbs/13_attack_ensemble.ipynb #79c64769
 def section_models(cfg: Config, store: ArtifactStore, progress: bool = False, splits: tuple | None = None) -> dict:
     """The PGD-AT ANN, the finetuned SNN converted from it, and the finetuned SNN converted from the clean ANN
-    (`splits`: the `load_splits(cfg)` a caller already holds)."""
-    from rsnn_paper.ann import build_ann
-    from rsnn_paper.conversion import build_converted
-    from rsnn_paper.finetune import build_finetuned
-    from rsnn_paper.training import load_splits
-    train, val, test = splits = splits or load_splits(cfg)
-    out = {"test": test}
-    for obj in ("pgd_at", "clean"):
-        ann, ameta = build_ann(cfg, obj, store, splits, progress=progress)
-        conv, cmeta = build_converted(cfg, ann, ameta["key"], train, store, progress=progress)
-        snn, smeta = build_finetuned(cfg, conv, cmeta["key"], train, val, store, progress=progress)
-        out[f"ann_{obj}"], out[f"snn_{obj}"] = (ann.eval(), ameta["key"]), (snn.eval(), smeta["key"])
-    return out
+    (`splits`: the `load_splits(cfg)` a caller already holds): `pipeline.headline_models`."""
+    from rsnn_paper.pipeline import headline_models
+    return headline_models(cfg, store, progress, splits)
 
 # %% ../nbs/13_attack_ensemble.ipynb #16a2efb1
 def evaluate_protocols(model, key: str, x, y, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,

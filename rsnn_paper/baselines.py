@@ -18,7 +18,7 @@ from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel,
 # %% auto #0
 __all__ = ['BASELINES', 'EVAL_FIELDS', 'CURVE_MODELS', 'TRANSFER_MODELS', 'parseval_retraction', 'project_simplex',
            'ParsevalHook', 'build_e2e', 'evaluate_snn', 'run_baselines_section', 'headline_seeds', 'render_baselines',
-           'run_curves_section', 'render_curves']
+           'run_curves_section', 'render_curves', 'run_budgets_section', 'render_budgets']
 
 # %% ../nbs/14_baselines.ipynb #1cefd2a5
 import matplotlib.pyplot as plt
@@ -392,3 +392,117 @@ def _plot_eps_curves(models: dict, out: dict, path, title: str) -> Path:
     ax.legend(fontsize=7); fig.tight_layout()
     fig.savefig(path, dpi=120); plt.close(fig)
     return Path(path)
+
+# %% ../nbs/14_baselines.ipynb #d5b0c8e1
+def _budget_subset(cfg: Config, y: torch.Tensor) -> torch.Tensor:
+    "Indices (into the main table's images) of the `cfg.n_budget` images of the budget evaluation, class-balanced."
+    from rsnn_paper.data import stratified_indices
+    if cfg.n_budget is None or cfg.n_budget >= len(y):
+        return torch.arange(len(y))
+    return stratified_indices(y, cfg.n_budget, seed=cfg.seed)
+
+
+def _point(label: str, epoch: int, train_time_s: float, rec: dict, idx: Optional[torch.Tensor] = None,
+           final: bool = False) -> dict:
+    "One budget point from a strong-protocol record (restricted to the images `idx` of it, when given)."
+    from rsnn_paper.evaluation import to_bits
+    rob, cc = list(rec["robust"]), list(rec["clean_correct"])
+    if idx is not None:
+        rob, cc = [rob[i] for i in idx.tolist()], [cc[i] for i in idx.tolist()]
+    n = len(rob)
+    return {"label": label, "epoch": int(epoch), "train_time_s": float(train_time_s), "n": n,
+            "clean_acc": sum(map(bool, cc)) / n, "robust_acc": sum(map(bool, rob)) / n,
+            "converged": bool(rec["converged"]), "final": bool(final), "robust": to_bits(rob)}
+
+
+def _snapshot(model: SpikingNet, store: ArtifactStore, key: str, epoch: int) -> SpikingNet:
+    "A copy of `model` with the weights training `key` had after `epoch` (`fit`'s snapshots)."
+    import copy
+    from rsnn_paper.store import load_torch
+    snap = copy.deepcopy(model)
+    load_into(snap, load_torch(store.snapshot_path(key, epoch))["model"], source=f"snapshot {key} epoch {epoch}")
+    return snap.eval()
+
+
+def run_budgets_section(cfg: Config, store=None, progress: bool = True) -> dict:
+    """Robustness per unit of training compute: the strong protocol at ε_test against each model along each training
+    of the main comparison — our pipeline (the converted SNN, budget = the robust ANN's training + the conversion;
+    then every finetuning snapshot, budget + its finetuning time) and both end-to-end baselines (every snapshot) —
+    on `cfg.n_budget` of the main table's images. Snapshots are kept with `Config.snapshot_every`; the selected
+    (final) model of each training is the main table's record restricted to these images. Writes
+    `results/<run>/budgets.json`, the budget table and the cost figure."""
+    from rsnn_paper.attack_section import evaluate_protocols
+    from rsnn_paper.evaluation import eval_images, strong
+    from rsnn_paper.pipeline import build_chain
+    from rsnn_paper.training import load_splits
+    store = store or ArtifactStore()
+    train, val, test = splits = load_splits(cfg)
+    x, y = eval_images(cfg, test)
+    idx = _budget_subset(cfg, y)
+    xb, yb = x[idx], y[idx]
+    chain = build_chain(cfg, "pgd_at", store, splits, progress=progress)
+    (_, ameta), (conv, cmeta), (snn, smeta) = chain["ann"], chain["convert"], chain["finetune"]
+
+    def along(model, meta, start_s: float, label: str) -> list:
+        "The final model (the main table's record) and every snapshot of the training that made `model`."
+        _, final = evaluate_protocols(model, meta["key"], x, y, cfg, store, progress=progress)  # the main table's
+        total = start_s + float(meta["train_time_s"])
+        pts = []
+        for s in meta.get("snapshots", []):
+            if s["epoch"] == meta["best_epoch"]:
+                continue  # the selected epoch's weights are the final model's
+            skey = f"{meta['key']}@epoch{s['epoch']}"
+            rec = strong(_snapshot(model, store, meta["key"], s["epoch"]), skey, xb, yb, cfg.eps_test, cfg, store,
+                         progress=progress)
+            pts.append(_point(f"{label}, epoch {s['epoch']}", s["epoch"], start_s + s["train_time_s"], rec))
+        best_t = next((start_s + s["train_time_s"] for s in meta.get("snapshots", [])
+                       if s["epoch"] == meta["best_epoch"]), total)
+        pts.append(_point(f"{label}, epoch {meta['best_epoch']} (selected)", meta["best_epoch"], best_t, final, idx,
+                          final=True))
+        return sorted(pts, key=lambda p: p["epoch"])
+
+    t_ann = float(ameta["train_time_s"]) + float(cmeta.get("convert_time_s", 0.0))
+    conv_rec = strong(conv, cmeta["key"], xb, yb, cfg.eps_test, cfg, store, progress=progress)
+    methods = {"finetuned": {"label": "ours: PGD-AT ANN → conversion → KL+CE finetuning",
+                             "points": [_point("converted, not finetuned", 0, t_ann, conv_rec)]
+                             + along(snn, smeta, t_ann, "finetuned")}}
+    for kind, spec in BASELINES.items():
+        model, meta = build_e2e(cfg, kind, store, splits, progress=progress)
+        methods[kind] = {"label": spec["label"], "points": along(model, meta, 0.0, kind)}
+    out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
+           "eps": cfg.eps_test, "n_images": len(idx), "config": cfg.to_dict(), "protocol": "strong",
+           "ann_train_time_s": float(ameta["train_time_s"]), "convert_time_s": float(cmeta.get("convert_time_s", 0.0)),
+           "methods": methods}
+    write_json(results_dir(cfg) / "budgets.json", out)
+    render_budgets(out)
+    return out
+
+
+def render_budgets(out: dict) -> list:
+    "Write the budget table and the cost figure (robust accuracy against training time) of `budgets.json`'s content."
+    from rsnn_paper.ann import write_table
+    from rsnn_paper.metrics import format_acc, wilson_interval
+    from rsnn_paper.store import run_of
+    fdir = figures_dir(run_of(out))
+    fdir.mkdir(parents=True, exist_ok=True)
+    n, eps = out["n_images"], f"ε={out['eps'] * 255:g}/255"
+    rows = [{"method": m["label"], "model": p["label"], "training time (s)": round(p["train_time_s"], 1),
+             "clean": format_acc(p["clean_acc"], n), f"strong protocol {eps}": format_acc(p["robust_acc"], n),
+             "converged": "yes" if p["converged"] else "NO"} for m in out["methods"].values() for p in m["points"]]
+    write_table(pd.DataFrame(rows), fdir / "budget_table",
+                f"Robustness per training budget (scale {out['scale']}, T={out['T']}, n={n} of the main table's images, "
+                f"95% Wilson intervals; training time: seconds of training passes on this machine, validation "
+                f"excluded — ours includes the robust ANN's training and the conversion)")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for m in out["methods"].values():
+        t = np.array([p["train_time_s"] for p in m["points"]]) / 60
+        acc = np.array([p["robust_acc"] for p in m["points"]])
+        lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
+        line = ax.errorbar(t, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
+        sel = [i for i, p in enumerate(m["points"]) if p["final"]]
+        ax.plot(t[sel], acc[sel], "*", ms=12, color=line[0].get_color())
+    ax.set(xlabel="training time (min, this machine)", ylabel=f"robust accuracy, strong protocol {eps}",
+           title=f"Robustness per training budget (scale {out['scale']}, n={n}; ★ selected)")
+    ax.legend(fontsize=7); fig.tight_layout()
+    fig.savefig(fdir / "budget_curve.png", dpi=120); plt.close(fig)
+    return [fdir / "budget_table.md", fdir / "budget_curve.png"]

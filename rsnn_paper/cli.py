@@ -29,13 +29,13 @@ def _sections():
     from rsnn_paper.conversion import run_conversion_section
     from rsnn_paper.finetune import run_finetune_section
     from rsnn_paper.attack_section import run_attack_section
-    from rsnn_paper.baselines import run_baselines_section, run_curves_section
+    from rsnn_paper.baselines import run_baselines_section, run_budgets_section, run_curves_section
     from rsnn_paper.ablations import run_ablation_section
     from rsnn_paper.ood import run_ood_section
     from rsnn_paper.paper import render_all, write_claims
     runners = {"ann": run_ann_section, "conversion": run_conversion_section, "finetune": run_finetune_section,
                "attacks": run_attack_section, "baselines": run_baselines_section, "curves": run_curves_section,
-               "ablations": run_ablation_section,
+               "budgets": run_budgets_section, "ablations": run_ablation_section,
                "ood": run_ood_section}
     out = [(name, lambda cfg, store, progress, f=f: f(cfg, store=store, progress=progress)) for name, f in runners.items()]
     return out + [("paper", lambda cfg, store, progress: (render_all(_paper_target(cfg)),
@@ -85,40 +85,35 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
-def cmd_train_ann(args) -> int:
-    from rsnn_paper.ann import build_ann, evaluate_model
+def _chain(cfg, objective, upto, progress, force=False):
+    "The `load_splits(cfg)` and the chain of `objective`'s ANN up to `upto` (`pipeline.build_chain`)."
+    from rsnn_paper.pipeline import build_chain
     from rsnn_paper.training import load_splits
-    cfg = _config(args)
     splits = load_splits(cfg)
-    model, meta = build_ann(cfg, args.objective, splits=splits, force=args.force, progress=not args.quiet)
+    return splits, build_chain(cfg, objective, splits=splits, upto=upto, force=force, progress=progress)[upto]
+
+
+def cmd_train_ann(args) -> int:
+    from rsnn_paper.ann import evaluate_model
+    cfg = _config(args)
+    splits, (model, meta) = _chain(cfg, args.objective, "ann", not args.quiet, args.force)
     print(f"ANN {args.objective}: artifact {meta['key']} (best epoch {meta['best_epoch']})")
     if args.evaluate:
         print(evaluate_model(model, cfg, splits[2], meta["key"], progress=not args.quiet))
     return 0
 
 
-def _converted(cfg, objective, progress, force=False):
-    from rsnn_paper.ann import build_ann
-    from rsnn_paper.conversion import build_converted
-    from rsnn_paper.training import load_splits
-    splits = load_splits(cfg)
-    ann, ameta = build_ann(cfg, objective, splits=splits, progress=progress)
-    return splits, build_converted(cfg, ann, ameta["key"], splits[0], force=force, progress=progress)
-
-
 def cmd_convert(args) -> int:
     cfg = _config(args)
-    _, (snn, meta) = _converted(cfg, args.objective, not args.quiet, args.force)
+    _, (snn, meta) = _chain(cfg, args.objective, "convert", not args.quiet, args.force)
     print(f"converted SNN (T={meta['T']}): artifact {meta['key']}; thresholds {[round(t, 4) for t in meta['thresholds']]}")
     return 0
 
 
 def cmd_finetune(args) -> int:
     from rsnn_paper.ann import evaluate_model
-    from rsnn_paper.finetune import build_finetuned
     cfg = _config(args)
-    (train, val, test), (conv, cmeta) = _converted(cfg, args.objective, not args.quiet)
-    snn, meta = build_finetuned(cfg, conv, cmeta["key"], train, val, force=args.force, progress=not args.quiet)
+    (train, val, test), (snn, meta) = _chain(cfg, args.objective, "finetune", not args.quiet, args.force)
     print(f"finetuned SNN: artifact {meta['key']} (best epoch {meta['best_epoch']})")
     if args.evaluate:
         print(evaluate_model(snn, cfg, test, meta["key"], progress=not args.quiet))
@@ -126,19 +121,11 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rsnn_paper.ann import build_ann, evaluate_model
-    from rsnn_paper.finetune import build_finetuned
-    from rsnn_paper.training import load_splits
+    from rsnn_paper.ann import evaluate_model
     cfg = _config(args)
-    progress = not args.quiet
-    if args.stage == "ann":
-        splits = load_splits(cfg)
-        model, meta = build_ann(cfg, args.objective, splits=splits, progress=progress)
-    else:
-        splits, (model, meta) = _converted(cfg, args.objective, progress)
-        if args.stage == "finetuned":
-            model, meta = build_finetuned(cfg, model, meta["key"], splits[0], splits[1], progress=progress)
-    print(evaluate_model(model, cfg, splits[2], meta["key"], progress=progress))
+    upto = {"ann": "ann", "converted": "convert", "finetuned": "finetune"}[args.stage]
+    splits, (model, meta) = _chain(cfg, args.objective, upto, not args.quiet)
+    print(evaluate_model(model, cfg, splits[2], meta["key"], progress=not args.quiet))
     return 0
 
 

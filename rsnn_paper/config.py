@@ -113,6 +113,7 @@ class Config:
     # training budgets (the cost figure of nbs/14_baselines.ipynb): keep the weights after every k-th epoch of every
     # training (0: none); a snapshot never changes what is trained, so no artifact address reads this knob
     snapshot_every: int = 0
+    n_budget: Optional[int] = None  # images of the budget evaluation (a subset of the main table's; None: all of them)
 
     def replace(self, **changes) -> "Config":
         "A copy with `changes` applied (validated like `get_config`'s overrides)."
@@ -139,7 +140,7 @@ SCALES: dict[str, dict[str, Any]] = {
                 square_queries=500, eps_curve=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255), strong_steps=20,
                 strong_restarts=1, strong_targets=3, strong_sources=2, conv_sources=1, e2e_epochs=5,
                 e2e_n_train=10000, e2e_attack_steps=2, ablation_T=(4, 16), n_ablation=500, n_ood=500,
-                headline_seeds=(0,), snapshot_every=1),
+                headline_seeds=(0,), snapshot_every=1, n_budget=300),
     "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
                width=0.125, channels_last=False, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
@@ -148,7 +149,7 @@ SCALES: dict[str, dict[str, Any]] = {
                n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 8 / 255),
                strong_steps=20, strong_restarts=1, strong_targets=3, strong_sources=3, conv_sources=2,
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
-               ablation_T=(8,), n_ablation=100, n_ood=100),
+               ablation_T=(8,), n_ablation=100, n_ood=100, n_budget=20),
 }
 
 

@@ -5,6 +5,7 @@
 # %% ../nbs/11_conversion.ipynb #9dd2886a
 from __future__ import annotations
 import math
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -213,9 +214,11 @@ def build_converted(cfg: Config, ann: SpikingNet, ann_key: str, train, store: Op
         load_into(snn, sd, meta, source=f"artifact {key}")
         snn.T = meta["T"]
         return snn.eval(), meta
+    t0 = time.time()
     snn, raw = convert(ann, cfg, train, progress)
     meta = {"kind": "converted", "parent": ann_key, "arch": snn.arch, "num_classes": snn.num_classes,
             "width": cfg.width, "T": cfg.T, "scale": cfg.scale, "dataset": cfg.dataset,
+            "convert_time_s": time.time() - t0,
             "raw_thresholds": raw, "thresholds": snn.thresholds().tolist(), "config": cfg.to_dict()}
     store.save(key, snn.state_dict(), meta)
     return snn, store.load(key)[1]
@@ -249,16 +252,17 @@ def run_conversion_section(cfg: Config, store=None, progress: bool = True) -> di
     """Convert the PGD-AT ANN (and the clean ANN), measure the converted SNN before finetuning, sweep T and the
     threshold scale, and write `conversion.json` into the run's `results_dir(cfg)` and the section's figures into its
     `figures_dir(cfg)`."""
-    from rsnn_paper.ann import build_ann
     from rsnn_paper.data import stratified_indices
+    from rsnn_paper.pipeline import build_chain
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     train, val, test = splits = load_splits(cfg)
     device = resolve_device(cfg.device)
     res, snns = {}, {}
     for obj in ("pgd_at", "clean"):
-        ann, ameta = build_ann(cfg, obj, store, splits, progress=progress)
-        snn, meta = snns[obj] = build_converted(cfg, ann, ameta["key"], train, store, progress=progress)
+        chain = build_chain(cfg, obj, store, splits, upto="convert", progress=progress)
+        (ann, ameta), (snn, meta) = chain["ann"], chain["convert"]
+        snns[obj] = (snn, meta)
         res[obj] = {"ann_key": ameta["key"], "key": meta["key"], "T": meta["T"],
                     "raw_thresholds": meta["raw_thresholds"], "thresholds": meta["thresholds"],
                     "clean_acc": cached_json(store, f"eval-{meta['key']}-clean-{config_hash([cfg.test_dataset, len(test), cfg.seed])}",

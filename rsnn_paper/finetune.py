@@ -119,16 +119,14 @@ def run_finetune_section(cfg: Config, store=None, progress: bool = True) -> dict
     """Finetune the SNNs converted from the PGD-AT and the clean ANN with the configured objective, evaluate them
     (clean, PGD by BPTT with the triangle at ε_train and ε_test), write `finetune.json`
     into the run's `results_dir(cfg)`, the table and the figures into its `figures_dir(cfg)`."""
-    from rsnn_paper.ann import build_ann, evaluate_model
-    from rsnn_paper.conversion import build_converted
+    from rsnn_paper.ann import evaluate_model
+    from rsnn_paper.pipeline import build_chain
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
     train, val, test = splits = load_splits(cfg)
     res = {}
     for obj in ("pgd_at", "clean"):
-        ann, ameta = build_ann(cfg, obj, store, splits, progress=progress)
-        conv, cmeta = build_converted(cfg, ann, ameta["key"], train, store, progress=progress)
-        snn, meta = build_finetuned(cfg, conv, cmeta["key"], train, val, store, progress=progress)
+        snn, meta = build_chain(cfg, obj, store, splits, progress=progress)["finetune"]
         res[obj] = {"key": meta["key"], "best_epoch": meta["best_epoch"], "train_time_s": meta["train_time_s"],
                     "history": meta["history"], "thresholds_before": meta["thresholds_before"],
                     "thresholds": meta["thresholds"], **evaluate_model(snn, cfg, test, meta["key"], store, progress)}

@@ -34,6 +34,7 @@ SECTIONS = {  # results file -> (renderer module, renderer name, the files it re
                   ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png")),
     "curves": ("rsnn_paper.baselines", "render_curves",
                ("curve_table.md", "curve_table.csv", "main_eps_curve.png", "attack_eps_curve.png")),
+    "budgets": ("rsnn_paper.baselines", "render_budgets", ("budget_table.md", "budget_table.csv", "budget_curve.png")),
     "ablations": ("rsnn_paper.ablations", "render_ablations", ("ablation_table.md", "ablation_table.csv", "ablations.png")),
     "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
 }

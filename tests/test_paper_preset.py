@@ -212,7 +212,7 @@ PAPER = dict(
     ablation_alphas=(0.5 / 255, 1.5 / 255), ablation_T=(4, 16), ablation_ann_objectives=("clean", "trades", "mart"),
     n_ablation=None, ood_severities=(1, 2, 3, 4, 5), n_ood=None, headline_seeds=(0,),
     # training budgets of the cost figure: the weights after every 20th epoch (10 points along 200 epochs)
-    snapshot_every=20,
+    snapshot_every=20, n_budget=None,
 )
 
 

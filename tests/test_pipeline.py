@@ -143,6 +143,30 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert [r["train_loss"] for r in out["history"]] == [r["train_loss"] for r in ref_out["history"]]
 
 
+def test_fit_keeps_snapshots_with_their_budget_and_trains_the_same(tmp_path):
+    ref, _ = _fit(tmp_path / "a", epochs=3)
+    torch.manual_seed(123)
+    model = create_model("vgg11", width=1 / 16)
+    data = _tiny_data()
+    store = ArtifactStore(tmp_path / "b")
+    out = fit(TrainStep(model, "pgd_at", eps=2 / 255, steps=1), data, data.subset(range(20)), epochs=3, batch_size=16,
+              lr=0.05, seed=3, cutout=8, store=store, key="run", progress=False, snapshot_every=1)
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k  # keeping snapshots changes nothing that is trained
+    snaps = out["snapshots"]
+    assert [s["epoch"] for s in snaps] == [1, 2, 3]
+    times = [s["train_time_s"] for s in snaps]
+    assert times == sorted(times) and times[-1] == pytest.approx(out["train_time_s"]) and times[0] > 0
+    best = load_torch(store.snapshot_path("run", out["best_epoch"]))
+    assert best["epoch"] == out["best_epoch"]
+    for k, v in model.state_dict().items():  # the selected epoch's snapshot holds the final weights
+        assert torch.equal(best["model"][k], v.cpu()), k
+    other = ArtifactStore(tmp_path / "c")
+    fit(TrainStep(create_model("vgg11", width=1 / 16), "clean", eps=0.0), data, data.subset(range(20)), epochs=3,
+        batch_size=16, lr=0.05, seed=3, store=other, key="run", progress=False, snapshot_every=2)
+    assert sorted(p.name for p in other.root.glob("run.epoch*.pt")) == ["run.epoch2.pt"]
+
+
 @pytest.mark.parametrize("objective", ["clean", "pgd_at"])
 def test_fit_leaves_global_rng_alone(tmp_path, objective):
     "Training (shuffling, augmentation, Cutout, the attack's random start, checkpoints) draws from its own generators."
@@ -247,3 +271,31 @@ def test_transfer_copies_weights_not_bn_statistics():
     assert torch.all(bn.weight == 2.0) and torch.all(bn.running_mean == 0.0)
     assert torch.equal(snn.conv1.weight, ann.conv1.weight)
     assert snn.fc.bias is not None and torch.all(snn.fc.bias == 0)
+
+
+# ---------------------------------------------------------------- the chain in one place
+def test_build_chain_builds_each_stage_on_its_parent_and_reuses_the_store(tmp_path, monkeypatch):
+    import rsnn_paper.ann as ann_mod
+    from rsnn_paper.pipeline import build_chain, chain_keys
+    torch.set_num_threads(1)
+    cfg = Config(scale="ci", device="cpu", arch="vgg11", width=1 / 16, ann_epochs=1, ann_batch_size=32,
+                 train_attack_steps=1, T_search=2, search_batches=1, search_batch_size=16, bn_calib_batches=1, T=2,
+                 ft_epochs=1, ft_n_train=32, ft_batch_size=16, ft_pgd_steps=1, val_attack_steps=1, n_val_eval=16)
+    data = _tiny_data(64)
+    splits = (data, data.subset(range(32)), data.subset(range(16)))
+    store = ArtifactStore(tmp_path)
+    chain = build_chain(cfg, "pgd_at", store, splits)
+    keys = chain_keys(cfg, "pgd_at")
+    assert {s: m["key"] for s, (_, m) in chain.items()} == keys
+    assert chain["convert"][1]["parent"] == keys["ann"] and chain["finetune"][1]["parent"] == keys["convert"]
+    assert all(store.exists(k) for k in keys.values())
+    calls = []
+    monkeypatch.setattr(ann_mod, "fit", lambda *a, **k: calls.append("fit"))  # a second build trains nothing
+    again = build_chain(cfg, "pgd_at", store, splits)
+    assert calls == [] and {s: m["created"] for s, (_, m) in again.items()} == {s: m["created"] for s, (_, m) in chain.items()}
+    for (k, a), b in zip(chain["finetune"][0].state_dict().items(), again["finetune"][0].state_dict().values()):
+        assert torch.equal(a, b), k
+    upto = build_chain(cfg, "pgd_at", store, splits, upto="convert")
+    assert list(upto) == ["ann", "convert"]
+    with pytest.raises(ValueError, match="the chain's stages"):
+        build_chain(cfg, "pgd_at", store, splits, upto="e2e")

@@ -118,8 +118,8 @@ def test_config_round_trip_and_tuple_overrides():
 
 def test_cli_reproduce_runs_every_section_in_order():
     from rsnn_paper.cli import _sections
-    assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "curves", "ablations",
-                                            "ood",
+    assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "curves", "budgets",
+                                            "ablations", "ood",
                                             "paper"]
 
 
@@ -337,3 +337,60 @@ def test_initial_weights_depend_on_the_configuration_only(tmp_path):
         b, _ = build(cfg, arg, ArtifactStore(tmp_path / f"b-{arg}"), progress=False)
         for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), k
+
+
+def test_budgets_follow_every_training_and_reuse_the_main_tables_record(tmp_path, monkeypatch):
+    """The budget points: ours starts at the converted SNN (ANN + conversion time), then one point per finetuning
+    snapshot; each baseline one per snapshot; the selected epoch is the main table's record on the budget images."""
+    import rsnn_paper.ann as ann_mod
+    import rsnn_paper.attack_section as att
+    import rsnn_paper.baselines as B
+    import rsnn_paper.conversion as conv_mod
+    import rsnn_paper.evaluation as ev
+    import rsnn_paper.finetune as ft_mod
+    import rsnn_paper.training as tr
+    from rsnn_paper.models import create_model
+    from rsnn_paper.store import ArtifactStore, save_torch
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    store = ArtifactStore(tmp_path / "artifacts")
+    store.root.mkdir()
+    cfg = get_config("ci", n_budget=4)
+    n = 10
+    x, y = torch.rand(n, 3, 32, 32), torch.arange(n) % 10
+    net = create_model("vgg11", width=1 / 16)
+
+    def meta(key, epochs, best, t_epoch=10.0):
+        for e in range(1, epochs + 1):
+            save_torch(store.snapshot_path(key, e), {"model": net.state_dict(), "epoch": e})
+        return {"key": key, "train_time_s": epochs * t_epoch, "best_epoch": best,
+                "snapshots": [{"epoch": e, "train_time_s": e * t_epoch} for e in range(1, epochs + 1)]}
+    monkeypatch.setattr(tr, "load_splits", lambda cfg: (None, None, None))
+    monkeypatch.setattr(ev, "eval_images", lambda cfg, test: (x, y))
+    monkeypatch.setattr(ann_mod, "build_ann", lambda *a, **k: (net, {"key": "ann", "train_time_s": 100.0}))
+    monkeypatch.setattr(conv_mod, "build_converted", lambda *a, **k: (net, {"key": "conv", "convert_time_s": 5.0}))
+    monkeypatch.setattr(ft_mod, "build_finetuned", lambda *a, **k: (net, meta("ft", 3, best=3)))
+    monkeypatch.setattr(B, "build_e2e", lambda cfg, kind, *a, **k: (net, meta(f"e2e-{kind}", 4, best=2)))
+    final = {"robust": [i % 2 == 0 for i in range(n)], "clean_correct": [True] * n, "converged": True}
+    monkeypatch.setattr(att, "evaluate_protocols", lambda m, key, *a, **k: ({}, final))
+    seen = []
+
+    def fake_strong(model, key, xb, yb, eps, cfg, store, **k):
+        seen.append(key)
+        assert len(yb) == 4 and eps == cfg.eps_test
+        return {"robust": [False] * len(yb), "clean_correct": [True] * len(yb), "converged": True}
+    monkeypatch.setattr(ev, "strong", fake_strong)
+    out = B.run_budgets_section(cfg, store, progress=False)
+    ours = out["methods"]["finetuned"]["points"]
+    assert [p["epoch"] for p in ours] == [0, 1, 2, 3]
+    assert [p["train_time_s"] for p in ours] == [105.0, 115.0, 125.0, 135.0]
+    assert [p["final"] for p in ours] == [False, False, False, True]
+    idx = B._budget_subset(cfg, y)
+    assert ours[-1]["robust_acc"] == sum(final["robust"][i] for i in idx.tolist()) / 4  # the main table's, sliced
+    at = out["methods"]["e2e_at"]["points"]
+    assert [(p["epoch"], p["train_time_s"], p["final"]) for p in at] == [(1, 10.0, False), (2, 20.0, True),
+                                                                          (3, 30.0, False), (4, 40.0, False)]
+    assert sorted(seen) == sorted(["conv", "ft@epoch1", "ft@epoch2", *[f"e2e-{k}@epoch{e}" for k in B.BASELINES
+                                                                      for e in (1, 3, 4)]])
+    from rsnn_paper.store import figures_dir, results_dir
+    assert (figures_dir(cfg) / "budget_curve.png").is_file() and (results_dir(cfg) / "budgets.json").is_file()
+    assert "selected" in (figures_dir(cfg) / "budget_table.md").read_text()
