@@ -21,22 +21,30 @@ __all__ = ['SECTIONS', 'HEADLINE_SECTIONS', 'TEST', 'ALPHA', 'MARGIN', 'N_BOOT',
 import pandas as pd
 
 # %% ../nbs/20_paper.ipynb #a5ccb927
-SECTIONS = {  # results file -> (renderer module, renderer name, the files it renders into figures/<scale>/)
-    "ann": ("rsnn_paper.ann", "render_ann", ("ann_table.md", "ann_table.csv", "ann_learning_curves.png")),
-    "conversion": ("rsnn_paper.conversion", "render_conversion",
+from .ablations import render_ablations
+from .ann import render_ann
+from .attack_section import render_attacks
+from .baselines import render_baselines, render_budgets, render_curves
+from .conversion import render_conversion
+from .finetune import render_finetune
+from .ood import render_ood
+
+SECTIONS = {  # results file -> (its renderer, the files it renders into figures/<run>/)
+    "ann": (render_ann, ("ann_table.md", "ann_table.csv", "ann_learning_curves.png")),
+    "conversion": (render_conversion,
                    ("conversion_table.md", "conversion_table.csv", "conversion_thresholds.png", "conversion_sweeps.png")),
-    "finetune": ("rsnn_paper.finetune", "render_finetune",
+    "finetune": (render_finetune,
                  ("finetune_table.md", "finetune_table.csv", "finetune_thresholds.png", "finetune_curves.png")),
-    "attacks": ("rsnn_paper.attack_section", "render_attacks",
+    "attacks": (render_attacks,
                 ("attack_sources_table.md", "attack_sources_table.csv", "attack_strong_table.md",
                  "attack_strong_table.csv", "attack_blackbox_table.md", "attack_blackbox_table.csv")),
-    "baselines": ("rsnn_paper.baselines", "render_baselines",
+    "baselines": (render_baselines,
                   ("main_table.md", "main_table.csv", "cost_table.md", "cost_table.csv", "spike_rates.png")),
-    "curves": ("rsnn_paper.baselines", "render_curves",
+    "curves": (render_curves,
                ("curve_table.md", "curve_table.csv", "main_eps_curve.png", "attack_eps_curve.png")),
-    "budgets": ("rsnn_paper.baselines", "render_budgets", ("budget_table.md", "budget_table.csv", "budget_curve.png")),
-    "ablations": ("rsnn_paper.ablations", "render_ablations", ("ablation_table.md", "ablation_table.csv", "ablations.png")),
-    "ood": ("rsnn_paper.ood", "render_ood", ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
+    "budgets": (render_budgets, ("budget_table.md", "budget_table.csv", "budget_curve.png")),
+    "ablations": (render_ablations, ("ablation_table.md", "ablation_table.csv", "ablations.png")),
+    "ood": (render_ood, ("ood_table.md", "ood_table.csv", "ood_by_severity.csv", "ood.png")),
 }
 
 
@@ -45,9 +53,8 @@ class MissingResultError(FileNotFoundError):
 
 
 def _renderer(section: str) -> Callable[[dict], object]:
-    import importlib
-    mod, name, _ = SECTIONS[section]
-    return getattr(importlib.import_module(mod), name)
+    "The renderer of `section`'s results file."
+    return SECTIONS[section][0]
 
 
 #: The sections every run renders; the others (each a further sitting at scale `cpu`) are rendered once they ran.
@@ -74,7 +81,7 @@ def render_all(scale: str) -> list[Path]:
         print(f"not rendered (not run yet): {', '.join(later)} — `rsnn-paper reproduce --scale "
               f"{Path(str(scale)).name} --sections {','.join(later)},paper`", flush=True)
     paths = []
-    for s, (_, _, files) in SECTIONS.items():
+    for s, (_, files) in SECTIONS.items():
         if s in later:
             continue
         _renderer(s)({**read_json(rdir / f"{s}.json"), "render_to": str(fdir.resolve())})

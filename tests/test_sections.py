@@ -251,7 +251,7 @@ def test_render_all_skips_and_names_the_sections_of_a_later_sitting(tmp_path, mo
     def fake(s):
         def render(out):
             rendered.append(s)
-            for f in paper.SECTIONS[s][2]:
+            for f in paper.SECTIONS[s][1]:
                 (tmp_path / "figures" / "ci").mkdir(parents=True, exist_ok=True)
                 (tmp_path / "figures" / "ci" / f).write_text("x")
         return render
