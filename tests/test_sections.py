@@ -258,8 +258,8 @@ def test_render_all_skips_and_names_the_sections_of_a_later_sitting(tmp_path, mo
     monkeypatch.setattr(paper, "_renderer", fake)
     paper.render_all("ci")
     assert rendered == list(paper.HEADLINE_SECTIONS)
-    assert paper.pending_sections("ci") == ["curves", "ablations", "ood"]
-    assert "--sections curves,ablations,ood,paper" in capsys.readouterr().out
+    assert paper.pending_sections("ci") == ["curves", "budgets", "ablations", "ood"]
+    assert "--sections curves,budgets,ablations,ood,paper" in capsys.readouterr().out
 
 
 def test_render_all_fails_when_a_renderer_leaves_an_output_out(tmp_path, monkeypatch):
@@ -364,6 +364,10 @@ def test_budgets_follow_every_training_and_reuse_the_main_tables_record(tmp_path
             save_torch(store.snapshot_path(key, e), {"model": net.state_dict(), "epoch": e})
         return {"key": key, "train_time_s": epochs * t_epoch, "best_epoch": best,
                 "snapshots": [{"epoch": e, "train_time_s": e * t_epoch} for e in range(1, epochs + 1)]}
+    import rsnn_paper.pipeline as pipe
+    fake_keys = {"ann": "ann", "convert": "conv", "finetune": "ft"}
+    monkeypatch.setattr(pipe, "chain_keys", lambda cfg, objective="pgd_at", upto="finetune": {
+        k: v for k, v in fake_keys.items() if pipe.CHAIN_STAGES.index(k) <= pipe.CHAIN_STAGES.index(upto)})
     monkeypatch.setattr(tr, "load_splits", lambda cfg: (None, None, None))
     monkeypatch.setattr(ev, "eval_images", lambda cfg, test: (x, y))
     monkeypatch.setattr(ann_mod, "build_ann", lambda *a, **k: (net, {"key": "ann", "train_time_s": 100.0}))
