@@ -24,7 +24,7 @@ def test_committed_scale(tmp_path):
     ("12_finetuning", ("finetune_table.md", "finetune_thresholds.png", "finetune_curves.png")),
     ("13_attack_ensemble", ("attack_sources_table.md", "attack_strong_table.md", "attack_blackbox_table.md",
                             "attack_eps_curve.png", "../surrogates.png")),
-    ("14_baselines", ("main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png")),
+    ("14_baselines", ("main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png", "budget_curve.png")),
     ("15_ablations", ("ablation_table.md", "ablations.png")),
     ("16_ood", ("ood_table.md", "ood.png", "../corruptions.png")),
 ])
