@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -440,9 +441,18 @@ def _importable(f) -> bool:
     return getattr(f, "__module__", None) not in (None, "__main__")
 
 
+def _main_reimportable() -> bool:
+    """Whether a spawned worker can re-run the parent's `__main__` as it must: a script file, a module (`-m`) or an
+    interactive session can, a program read from stdin (`python - < script`) cannot (its `__file__` names no file)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or Path(main_file).is_file()
+
+
 def run_parallel(jobs: list, workers: int = 1) -> list:
-    "Run `jobs` = [(function, args), ...] in up to `workers` processes (one thread each); returns their results in order."
-    spawnable = _importable(_worker_init) and all(_importable(f) for f, _ in jobs)
+    """Run `jobs` = [(function, args), ...] in up to `workers` processes (one thread each); returns their results in
+    order. The jobs run here, one after the other, when workers cannot be spawned (a job defined in `__main__`, a
+    program read from stdin) or under `torchrun`."""
+    spawnable = _importable(_worker_init) and all(_importable(f) for f, _ in jobs) and _main_reimportable()
     if workers <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or not spawnable:
         return [f(*a) for f, a in jobs]
     import concurrent.futures as cf

@@ -327,3 +327,13 @@ def test_compare_command_fails_only_when_a_key_disappears(tmp_path, monkeypatch,
     assert cli.main(["compare", "--scale", "ci", "--against", str(committed)]) == 1
     assert "missing" in capsys.readouterr().err
     _one_error_line(capsys, ["compare", "--scale", "ci", "--against", "no-such-revision"], "no-such-revision")
+
+
+def test_run_parallel_runs_a_program_read_from_stdin(tmp_path):
+    """A spawned worker re-runs the parent's __main__, which a program read from stdin does not have as a file: such a
+    program gets its jobs run in-process instead of a broken process pool."""
+    prog = "from rsnn_paper.training import run_parallel\nimport operator\nprint(run_parallel([(operator.add, (1, 2)), (operator.mul, (3, 4))], workers=2))\n"
+    out = subprocess.run([sys.executable, "-"], input=prog, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[3, 12]"
