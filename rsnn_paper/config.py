@@ -136,7 +136,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # and 1,000 attacked images (the whole exact test set)
     "cpu": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=20000, n_val=1000,
                 width=0.125, channels_last=True, ann_epochs=12, train_attack_steps=3, T_search=100, search_batches=4,
-                percentile_method="nearest_rank", search_fresh_batches=True, n_sweep=500, ft_epochs=3,
+                percentile_method="nearest_rank", search_fresh_batches=True, sweep_T_max=32, n_sweep=500, ft_epochs=3,
                 ft_n_train=5000, ft_pgd_steps=3, eval_pgd_steps=10, apgd_steps=10, val_attack_steps=3, n_val_eval=500,
                 square_queries=500, eps_curve=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255), strong_steps=20,
                 strong_restarts=1, strong_targets=3, strong_sources=2, conv_sources=1, e2e_epochs=5,
