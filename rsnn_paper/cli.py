@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     r = common(sub.add_parser("reproduce", help="regenerate every section's results, tables and figures, in order"))
-    r.add_argument("--sections", help="comma-separated subset of sections (default: all)")
+    r.add_argument("--sections", help="comma-separated subset of the sections ann, conversion, finetune, attacks, "
+                   "baselines (the headline), curves, budgets, ablations, ood, paper (default: all, in this order)")
     r.set_defaults(func=cmd_reproduce)
     for name, func, helptext in (
             ("train-ann", cmd_train_ann, "train (or reuse) a robust ANN (§1, nbs/10_ann_training.ipynb)"),

@@ -116,6 +116,16 @@ def test_config_round_trip_and_tuple_overrides():
         "ablation_T": (4, 16), "ood_severities": (1, 5), "ablation_alphas": (1 / 255,)}
 
 
+def test_the_help_of_reproduce_names_every_section_in_order():
+    import re
+    from rsnn_paper.cli import _sections, build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or getattr(a, "choices", None) and
+               "reproduce" in (a.choices or {}))
+    help_text = " ".join(next(a.help for a in sub.choices["reproduce"]._actions if a.dest == "sections").split())
+    names = [n for n, _ in _sections()]
+    assert [n for n in re.findall(r"[a-z]+", help_text) if n in names] == names
+
+
 def test_cli_reproduce_runs_every_section_in_order():
     from rsnn_paper.cli import _sections
     assert [n for n, _ in _sections()] == ["ann", "conversion", "finetune", "attacks", "baselines", "curves", "budgets",
