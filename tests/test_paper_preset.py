@@ -213,6 +213,8 @@ PAPER = dict(
     n_ablation=None, ood_severities=(1, 2, 3, 4, 5), n_ood=None, headline_seeds=(0,),
     # training budgets of the cost figure: the weights after every 20th epoch (10 points along 200 epochs)
     snapshot_every=20, n_budget=None,
+    # the paper protocol against the end-to-end baselines: every attack over every source on every image
+    e2e_full_attacks=("fgsm", "pgd", "apgd-ce"),
 )
 
 

@@ -408,3 +408,26 @@ def test_budgets_follow_every_training_and_reuse_the_main_tables_record(tmp_path
     from rsnn_paper.store import figures_dir, results_dir
     assert (figures_dir(cfg) / "budget_curve.png").is_file() and (results_dir(cfg) / "budgets.json").is_file()
     assert "selected" in (figures_dir(cfg) / "budget_table.md").read_text()
+
+
+def test_the_baselines_run_the_paper_protocol_in_full_only_for_the_configured_attacks(monkeypatch):
+    import rsnn_paper.attack_section as att
+    seen = {}
+
+    def fake_whitebox(model, key, x, y, attack, eps, cfg, store, sources=None, mode="full", sanity=False, progress=False):
+        seen[(key, attack)] = mode
+        return {"attack": attack, "robust": [True], "clean_correct": [True]}
+    monkeypatch.setattr(att, "whitebox", fake_whitebox)
+    monkeypatch.setattr(att, "strong", lambda *a, **k: {})
+    cpu = get_config("cpu")
+    for key in ("e2e-abc", "finetune-abc", "ann-abc"):
+        att.evaluate_protocols(None, key, None, None, cpu, None)
+    assert cpu.e2e_full_attacks == ("pgd",)
+    assert {a: seen[("e2e-abc", a)] for a in ("fgsm", "pgd", "apgd-ce")} == {"fgsm": "cascade", "pgd": "full",
+                                                                            "apgd-ce": "cascade"}
+    assert all(seen[(k, a)] == "full" for k in ("finetune-abc", "ann-abc") for a in ("fgsm", "pgd", "apgd-ce"))
+    att.evaluate_protocols(None, "e2e-abc", None, None, get_config("ci"), None)  # ci and paper: everything in full
+    assert get_config("ci").e2e_full_attacks == get_config("paper").e2e_full_attacks == ("fgsm", "pgd", "apgd-ce")
+    for bad in (("fgsm",), ("pgd", "square")):
+        with pytest.raises(ValueError, match="e2e_full_attacks"):
+            att.evaluate_protocols(None, "e2e-abc", None, None, cpu.replace(e2e_full_attacks=bad), None)
