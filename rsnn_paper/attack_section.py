@@ -10,7 +10,7 @@ import torch
 
 from .attacks import ensemble_table, eval_mode, table_markdown
 from .config import Config
-from .evaluation import (blackbox, to_bits, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
+from .evaluation import (blackbox, slim_record, to_bits, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
                                    strong_stages, whitebox)
 from .store import ArtifactStore, figures_dir, results_dir, update_summary, write_json
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES, gradient_source
@@ -91,8 +91,6 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
             warnings.append(f"{name} ({bb[name]['robust_acc']:.3f}) is stronger than the white-box attacks of the strong "
                             f"protocol ({st['whitebox_acc']:.3f}): the white-box evaluation is unreliable")
     # per-image outcomes stay (as `to_bits` strings): the claims compare models on the same images with paired tests
-    slim = lambda r: {**{k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")},
-                      "robust": to_bits(r["robust"])}
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "n_images": len(y),
            "eps": eps, "eps_train": cfg.eps_train, "T": cfg.T, "config": cfg.to_dict(), "snn_key": snn[1],
            "ann_key": ann[1], "protocol": "strong",
@@ -100,7 +98,7 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
                          "strong": [s.label for s in strong_stages(cfg, snn[0].num_classes)],
                          "convergence": [s.label for s in convergence_stages(cfg)]},
            "whitebox": wb, "ann_whitebox": ann_wb, "strong": st, "ann_strong": ann_st,
-           "strong_single_source": {**slim(st_single), "source": best},
+           "strong_single_source": {**slim_record(st_single), "source": best},
            "sanity_checks": wb["pgd"].get("checks", {}),
            "blackbox": {k: {**{kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")},
                             "robust": to_bits(v["robust"])} for k, v in bb.items()},

@@ -299,13 +299,6 @@ CURVE_MODELS = ("finetuned", *BASELINES, "ann_pgd_at")
 TRANSFER_MODELS = ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")
 
 
-def _slim(r: dict) -> dict:
-    "A strong-protocol record without its per-image lists, its per-image outcomes kept as a `to_bits` string."
-    from rsnn_paper.evaluation import to_bits
-    return {**{k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")},
-            "robust": to_bits(r["robust"])}
-
-
 def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Robust accuracy against ε (every ε of `cfg.eps_curve`, strong protocol) of the finetuned SNN, both end-to-end
     baselines and the PGD-AT ANN, and the four models of the transfer claim at ε_train (the SNNs converted from the
@@ -314,7 +307,7 @@ def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
     own section (at scale `cpu` a sitting of its own, after `attacks` and `baselines`). Writes
     `results/<run>/curves.json`, the curve table and both curve figures."""
     from rsnn_paper.attack_section import evaluate_protocols, section_models
-    from rsnn_paper.evaluation import eval_images, strong, strong_points
+    from rsnn_paper.evaluation import eval_images, slim_record, strong, strong_points
     from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
     from rsnn_paper.training import load_splits
     store = store or ArtifactStore()
@@ -343,7 +336,7 @@ def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
            "n_images": len(y), "eps": cfg.eps_test, "eps_train": cfg.eps_train,
            "eps_curve": [float(e) for e in cfg.eps_curve], "config": cfg.to_dict(), "protocol": "strong",
-           "models": models, "at_eps_train": {k: _slim(v) for k, v in at_train.items()},
+           "models": models, "at_eps_train": {k: slim_record(v) for k, v in at_train.items()},
            "converged": all(bool(v["converged"]) for v in at_train.values())}
     write_json(results_dir(cfg) / "curves.json", out)
     render_curves(out)
@@ -376,17 +369,22 @@ def render_curves(out: dict) -> list:
     return paths
 
 
+def _wilson_errorbar(ax, x, acc: np.ndarray, n: int, label: str):
+    "Accuracies `acc` (of `n` images each) against `x`, with their 95% Wilson intervals as error bars."
+    from rsnn_paper.metrics import wilson_interval
+    lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
+    return ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=label)
+
+
 def _plot_eps_curves(models: dict, out: dict, path, title: str) -> Path:
     "Robust accuracy vs ε of `models` (entries of `curves.json`), with 95% Wilson intervals as error bars."
-    from rsnn_paper.metrics import wilson_interval
     n = out["n_images"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, m in enumerate(models.values()):
         es = sorted(m["strong_curve"], key=float)
         acc = np.array([m["strong_curve"][e] for e in es])
-        lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
         x = np.array([float(e) * 255 for e in es]) + (i - (len(models) - 1) / 2) * 0.15  # offsets keep bars apart
-        ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
+        _wilson_errorbar(ax, x, acc, n, m["label"])
     ax.axvline(out["eps"] * 255, ls=":", c="gray", label="ε_test (the main table)")
     ax.set(xlabel="ε (/255)", ylabel="robust accuracy (strong protocol)", title=title)
     ax.legend(fontsize=7); fig.tight_layout()
@@ -481,7 +479,7 @@ def run_budgets_section(cfg: Config, store=None, progress: bool = True) -> dict:
 def render_budgets(out: dict) -> list:
     "Write the budget table and the cost figure (robust accuracy against training time) of `budgets.json`'s content."
     from rsnn_paper.ann import write_table
-    from rsnn_paper.metrics import format_acc, wilson_interval
+    from rsnn_paper.metrics import format_acc
     from rsnn_paper.store import run_of
     fdir = figures_dir(run_of(out))
     fdir.mkdir(parents=True, exist_ok=True)
@@ -497,8 +495,7 @@ def render_budgets(out: dict) -> list:
     for m in out["methods"].values():
         t = np.array([p["train_time_s"] for p in m["points"]]) / 60
         acc = np.array([p["robust_acc"] for p in m["points"]])
-        lo, hi = np.array([wilson_interval(round(a * n), n) for a in acc]).T
-        line = ax.errorbar(t, acc, yerr=[acc - lo, hi - acc], fmt="o-", capsize=3, label=m["label"])
+        line = _wilson_errorbar(ax, t, acc, n, m["label"])
         sel = [i for i, p in enumerate(m["points"]) if p["final"]]
         ax.plot(t[sel], acc[sel], "*", ms=12, color=line[0].get_color())
     ax.set(xlabel="training time (min, this machine)", ylabel=f"robust accuracy, strong protocol {eps}",

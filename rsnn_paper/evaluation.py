@@ -21,8 +21,8 @@ from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
 __all__ = ['Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol', 'whitebox_outcomes',
-           'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'from_bits', 'strong_points', 'strong_curve',
-           'single_source_prior', 'distributed_ensemble']
+           'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record', 'from_bits', 'strong_points',
+           'strong_curve', 'single_source_prior', 'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -263,6 +263,12 @@ def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore,
 def to_bits(outcomes) -> str:
     "Per-image outcomes (True = still correct after the attack) as a compact string of '1'/'0', image by image."
     return "".join("1" if bool(v) else "0" for v in outcomes)
+
+
+def slim_record(r: dict) -> dict:
+    "A protocol record without its per-image lists, its per-image outcomes kept as a `to_bits` string (for results files)."
+    return {**{k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")},
+            "robust": to_bits(r["robust"])}
 
 
 def from_bits(bits) -> list[bool]:
