@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import datetime
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import SCALES, get_config, parse_overrides
-from .store import (ArtifactStore, CheckpointMismatchError, UserError, artifacts_dir, figures_dir,
-                              project_root, read_json, results_dir, run_name)
+from .store import (ArtifactStore, CheckpointMismatchError, UserError, artifacts_dir, figures_dir, host_info,
+                              project_root, read_json, record_section_time, results_dir, run_name)
 
 # %% auto #0
 __all__ = ['SEED_SECTIONS', 'USER_ERRORS', 'cmd_reproduce', 'cmd_train_ann', 'cmd_convert', 'cmd_finetune', 'cmd_evaluate',
@@ -72,12 +73,18 @@ def cmd_reproduce(args) -> int:
                         f"{', '.join(names)}")
     print(f"run {run_name(cfg)}: {_where(cfg)}", flush=True)
     t0 = time.time()
+    sitting = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")  # names this sitting
+    host = host_info()
     for name, run in sections:
         if name in chosen:
             t = time.time()
             print(f"== section {name} (scale {cfg.scale}) ==", flush=True)
             run(cfg, store, not args.quiet)
+            record_section_time(cfg, sitting, name, time.time() - t, host)  # results/<run>/timing.json
             print(f"== section {name} done in {time.time() - t:.0f}s", flush=True)
+    if "paper" in chosen:  # the report rendered before its own time was recorded: its time table again, complete
+        from rsnn_paper.paper import render_timing
+        render_timing(_paper_target(cfg))
     print(f"reproduce --scale {cfg.scale} (run {run_name(cfg)}) finished in {time.time() - t0:.0f}s")
     print(f"results: {results_dir(cfg)}")
     print(f"tables and figures: {figures_dir(cfg)}")

@@ -13,9 +13,9 @@ from .store import figures_dir, read_json, results_dir, write_json
 # %% auto #0
 __all__ = ['SECTIONS', 'HEADLINE_SECTIONS', 'TEST', 'ALPHA', 'MARGIN', 'N_BOOT', 'RATIO_CAP', 'TRANSFER_CLAIM', 'OOD_CLAIM',
            'CLAIMS', 'CLAIM_SECTIONS', 'LATER_CLAIM_SECTIONS', 'SEED_TABLE_KEYS', 'MissingResultError',
-           'pending_sections', 'render_all', 'mcnemar', 'claim_transfer', 'claim_vs_e2e', 'claim_ensemble',
-           'claim_blackbox', 'claim_ood', 'load_results', 'compute_claims', 'fold_seeds', 'read_seeds', 'write_claims',
-           'seed_spread', 'render_seeds', 'update_readme']
+           'pending_sections', 'render_all', 'render_timing', 'mcnemar', 'claim_transfer', 'claim_vs_e2e',
+           'claim_ensemble', 'claim_blackbox', 'claim_ood', 'load_results', 'compute_claims', 'fold_seeds',
+           'read_seeds', 'write_claims', 'seed_spread', 'render_seeds', 'update_readme']
 
 # %% ../nbs/20_paper.ipynb #39e97a90
 import pandas as pd
@@ -89,10 +89,35 @@ def render_all(scale: str) -> list[Path]:
     seeds = read_seeds(scale)  # the spread over seeds, when measured (`seed_spread`)
     if seeds:
         paths.append(render_seeds(seeds, scale))
+    if (rdir / "timing.json").is_file():  # the wall time of each section, as `reproduce` measured it
+        paths.append(render_timing(scale))
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise MissingResultError(f"these tables or figures were not rendered: {', '.join(absent)}")
     return paths
+
+# %% ../nbs/20_paper.ipynb #5e2b9c71
+def render_timing(scale) -> Path:
+    """The wall time of each section of the run, summed over the sittings that ran it (`timing.json`, written by
+    `rsnn-paper reproduce`), with the headline sections' total: `figures/<run>/run_time_table.md` (and `.csv`)."""
+    from rsnn_paper.ann import write_table
+    rec = read_json(results_dir(scale) / "timing.json")
+    order = [s for s in ("ann", *HEADLINE_SECTIONS[1:], *[k for k in SECTIONS if k not in HEADLINE_SECTIONS], "paper")
+             if s in rec["sections_s"]] + [s for s in rec["sections_s"] if s not in (*SECTIONS, "paper")]
+    count = lambda s: sum(s in sit["sections"] for sit in rec["sittings"])
+    rows = [{"section": s, "wall time (min)": round(rec["sections_s"][s] / 60, 1), "sittings": count(s)} for s in order]
+    head = [s for s in (*HEADLINE_SECTIONS, "paper") if s in rec["sections_s"]]
+    if head:
+        rows.append({"section": "headline sections (" + ", ".join(head) + ")",
+                     "wall time (min)": round(sum(rec["sections_s"][s] for s in head) / 60, 1),
+                     "sittings": max(count(s) for s in head)})
+    hosts = {(h["cpu"], h["cpu_count"], h["torch_threads"], h["gpu"]) for h in (s["host"] for s in rec["sittings"])}
+    on = "; ".join(f"{c} ×{n} cores, {t} torch threads" + (f", {g}" if g else "") for c, n, t, g in sorted(hosts, key=str))
+    fdir = figures_dir(scale)
+    fdir.mkdir(parents=True, exist_ok=True)
+    write_table(pd.DataFrame(rows), fdir / "run_time_table", f"Wall time of `rsnn-paper reproduce --scale "
+                f"{Path(str(scale)).name}` by section (summed over {len(rec['sittings'])} sitting(s); measured on {on})")
+    return fdir / "run_time_table.md"
 
 # %% ../nbs/20_paper.ipynb #74ec4999
 def _acc(value: float, n: int) -> dict:

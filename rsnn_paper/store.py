@@ -24,7 +24,7 @@ from .config import OUTPUT_FIELDS, SCALES, Config, config_from_dict, get_config
 __all__ = ['RunTarget', 'project_root', 'artifacts_dir', 'UserError', 'run_name', 'results_dir', 'figures_dir', 'run_of',
            'committed_scale', 'write_json', 'read_json', 'save_torch', 'CorruptArtifactError', 'load_torch',
            'ArtifactStore', 'CheckpointMismatchError', 'load_into', 'cached_json', 'update_summary',
-           'compare_summaries', 'format_comparison']
+           'compare_summaries', 'format_comparison', 'host_info', 'record_section_time']
 
 # %% ../nbs/06_store.ipynb #4c1d1792
 def project_root() -> Path:
@@ -317,3 +317,37 @@ def format_comparison(rows: list[dict]) -> list[str]:
     lines.append(f"{len(rows)} keys: {count['same']} same, {count['changed']} changed, {count['added']} added, "
                  f"{count['removed']} removed" + (f"; largest |diff| {worst['diff']:.4f} ({worst['key']})" if worst else ""))
     return lines
+
+# %% ../nbs/06_store.ipynb #7d1f0c2b
+def host_info() -> dict:
+    "What a wall time was measured on: CPU model and count, torch's threads, the accelerator, the library versions."
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "rsnn_paper": rsnn_paper.__version__}
+
+
+def record_section_time(target: RunTarget, sitting: str, section: str, wall_s: float, host: Optional[dict] = None) -> dict:
+    """Add `section`'s wall time (seconds) to sitting `sitting` (the sitting's start, an ISO time) in the run's
+    `timing.json`, and recompute each section's total over sittings. A run resumed after an interruption is several
+    sittings; a section a sitting only reloaded adds its (small) reload time. Returns the timing record."""
+    path = results_dir(target) / "timing.json"
+    rec = read_json(path) if path.is_file() else {"sittings": []}
+    sit = next((s for s in rec["sittings"] if s["started_at"] == sitting), None)
+    if sit is None:
+        sit = {"started_at": sitting, "host": host or host_info(), "sections": {}}
+        rec["sittings"].append(sit)
+    sit["sections"][section] = float(wall_s)
+    totals: dict = {}
+    for s in rec["sittings"]:
+        for k, v in s["sections"].items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    rec["sections_s"] = totals
+    write_json(path, rec)
+    return rec

@@ -1,0 +1,59 @@
+"""`rsnn-paper reproduce` records each section's wall time in `results/<run>/timing.json` (one entry per sitting, summed
+per section), and the report renders it as `figures/<run>/run_time_table.md`."""
+import pytest
+
+from rsnn_paper import cli
+from rsnn_paper.paper import render_timing
+from rsnn_paper.store import figures_dir, read_json, record_section_time, results_dir
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSNN_ROOT", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    return tmp_path
+
+
+HOST = {"cpu": "test cpu", "cpu_count": 2, "torch_threads": 2, "gpu": None, "torch": "x", "rsnn_paper": "y"}
+
+
+def test_sittings_are_summed_per_section_and_rendered_with_the_headline_total(root):
+    record_section_time("cpu", "2026-01-01T00:00:00", "ann", 600.0, HOST)
+    record_section_time("cpu", "2026-01-01T00:00:00", "conversion", 120.0, HOST)
+    # the sitting was killed during finetuning; the next sitting reloads the ANN and conversion and finishes the rest
+    record_section_time("cpu", "2026-01-02T00:00:00", "ann", 6.0, HOST)
+    record_section_time("cpu", "2026-01-02T00:00:00", "conversion", 3.0, HOST)
+    for s, t in (("finetune", 900.0), ("attacks", 1800.0), ("baselines", 2400.0), ("ablations", 3000.0),
+                 ("paper", 9.0)):
+        rec = record_section_time("cpu", "2026-01-02T00:00:00", s, t, HOST)
+    assert [s["started_at"] for s in rec["sittings"]] == ["2026-01-01T00:00:00", "2026-01-02T00:00:00"]
+    assert rec["sections_s"]["ann"] == 606.0 and rec["sections_s"]["conversion"] == 123.0
+    assert rec == read_json(results_dir("cpu") / "timing.json")
+    md = render_timing("cpu").read_text()
+    assert md == (figures_dir("cpu") / "run_time_table.md").read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")][2:]
+    names = [ln.split("|")[1].strip() for ln in lines]
+    assert names[:7] == ["ann", "conversion", "finetune", "attacks", "baselines", "ablations", "paper"]
+    total = lines[-1].split("|")
+    assert names[-1].startswith("headline sections (ann, conversion, finetune, attacks, baselines, paper)")
+    # headline total: 606 + 123 + 900 + 1800 + 2400 + 9 seconds = 97.3 min; the ablations are a further sitting
+    assert float(total[2]) == pytest.approx(97.3) and int(total[3]) == 2
+    assert "test cpu ×2 cores, 2 torch threads" in md
+
+
+def test_reproduce_records_every_section_it_ran_and_renders_the_table_after_the_report(root, monkeypatch):
+    ran = []
+    fake = [(n, lambda cfg, store, progress, n=n: ran.append(n)) for n in ("ann", "conversion", "paper")]
+    monkeypatch.setattr(cli, "_sections", lambda: fake)
+    assert cli.main(["reproduce", "--scale", "ci", "--sections", "ann,paper", "--quiet"]) == 0
+    assert ran == ["ann", "paper"]
+    rec = read_json(results_dir("ci") / "timing.json")
+    assert set(rec["sections_s"]) == {"ann", "paper"} and len(rec["sittings"]) == 1
+    assert set(rec["sittings"][0]["host"]) >= {"cpu", "cpu_count", "torch_threads", "gpu", "torch", "rsnn_paper"}
+    md = (figures_dir("ci") / "run_time_table.md").read_text()
+    assert "| paper " in md and "| ann " in md  # the report's own time is in its table
+    # a second sitting adds itself; the totals are the sums
+    assert cli.main(["reproduce", "--scale", "ci", "--sections", "ann", "--quiet"]) == 0
+    rec2 = read_json(results_dir("ci") / "timing.json")
+    assert len(rec2["sittings"]) == 2
+    assert rec2["sections_s"]["ann"] == pytest.approx(sum(s["sections"].get("ann", 0) for s in rec2["sittings"]))
