@@ -16,9 +16,10 @@ from .store import ArtifactStore, figures_dir, load_into, results_dir, update_su
 from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel, seed_from_key, seeded
 
 # %% auto #0
-__all__ = ['BASELINES', 'EVAL_FIELDS', 'CURVE_MODELS', 'TRANSFER_MODELS', 'parseval_retraction', 'project_simplex',
-           'ParsevalHook', 'build_e2e', 'evaluate_snn', 'run_baselines_section', 'headline_seeds', 'render_baselines',
-           'run_curves_section', 'render_curves', 'run_budgets_section', 'render_budgets']
+__all__ = ['BASELINES', 'EVAL_FIELDS', 'CURVE_MODELS', 'TRANSFER_MODELS', 'CURVE_CLAIMS', 'ALONG_ROWS', 'parseval_retraction',
+           'project_simplex', 'ParsevalHook', 'build_e2e', 'evaluate_snn', 'run_baselines_section', 'headline_seeds',
+           'render_baselines', 'run_curves_section', 'check_curve_claims', 'along_eps', 'render_curves',
+           'run_budgets_section', 'render_budgets']
 
 # %% ../nbs/14_baselines.ipynb #1cefd2a5
 import matplotlib.pyplot as plt
@@ -323,24 +324,104 @@ def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
     labels = {"finetuned": "SNN converted from the PGD-AT ANN + KL+CE finetuning (ours)",
               **{k: v["label"] for k, v in BASELINES.items()},
               "ann_pgd_at": "ANN, PGD-AT (reference)"}
-    models = {}
+    check_curve_claims(cfg)  # before hours of evaluation, not after
+    models, best = {}, None
     for k, ((m, mk), srcs) in nets.items():
-        _, at_test = evaluate_protocols(m, mk, x, y, cfg, store, sources=srcs, progress=progress)  # the main table's
+        paper, at_test = evaluate_protocols(m, mk, x, y, cfg, store, sources=srcs, progress=progress)  # the main table's
+        best = paper["pgd"]["best_single_source"] if k == "finetuned" else best
         pts = strong_points(m, mk, x, y, cfg, store, at_test, sources=srcs, progress=progress)
         models[k] = {"label": labels[k], "key": mk, "sources": len(srcs),
                      "strong_curve": {e: p["robust_acc"] for e, p in pts.items()},
                      "strong_curve_robust": {e: p["robust"] for e, p in pts.items()},
+                     "strong_curve_converged": {e: p["converged"] for e, p in pts.items()},
                      "converged": bool(at_test["converged"])}
     at_train = {name: strong(*M[name], x, y, cfg.eps_train, cfg, store, sources=GRADIENT_SOURCES if name.startswith(
         "snn") else ann_src, progress=progress) for name in TRANSFER_MODELS}
+    along = along_eps(cfg, M, x, y, store, best, progress)
     out = {"scale": cfg.scale, "dataset": cfg.dataset, "test_dataset": cfg.test_dataset, "T": cfg.T,
            "n_images": len(y), "eps": cfg.eps_test, "eps_train": cfg.eps_train,
            "eps_curve": [float(e) for e in cfg.eps_curve], "config": cfg.to_dict(), "protocol": "strong",
            "models": models, "at_eps_train": {k: slim_record(v) for k, v in at_train.items()},
+           "curve_claims": list(cfg.curve_claims), "along_eps": along,
            "converged": all(bool(v["converged"]) for v in at_train.values())}
     write_json(results_dir(cfg) / "curves.json", out)
     render_curves(out)
     return out
+
+
+#: The claims `Config.curve_claims` may decide at every ε of the curve (besides the comparison with end-to-end training).
+CURVE_CLAIMS = ("transfer", "ensemble", "blackbox")
+
+
+def check_curve_claims(cfg: Config) -> None:
+    "A `ValueError` naming the known claims when `cfg.curve_claims` names another."
+    unknown = sorted(set(cfg.curve_claims) - set(CURVE_CLAIMS))
+    if unknown:
+        raise ValueError(f"unknown curve_claims {unknown}; known: {', '.join(CURVE_CLAIMS)} (or none: "
+                         f"`--set curve_claims=`)")
+
+
+def along_eps(cfg: Config, M: dict, x, y, store: ArtifactStore, best_source: str, progress: bool = False) -> dict:
+    """The evaluations behind the claims of `cfg.curve_claims` at every nonzero ε of the curve, as {f"{ε:.6f}": point}
+    (the finetuned SNN's and the PGD-AT ANN's strong records come from the curves themselves, all cached):
+    "ensemble": the strong protocol with the single source `best_source` only (`single_source`); "blackbox": Square
+    and the transfer attacks from the PGD-AT ANN and from the SNN of the clean ANN, with the finetuned SNN's white-box
+    outcomes at that ε (`blackbox`, `whitebox_robust`); "transfer": the clean ANN and the SNN converted from it under
+    the strong protocol (`transfer`). At ε_test the ensemble and black-box claims read the attack section's own
+    records, so only "transfer" is evaluated there. Per-image outcomes are kept for the paired tests."""
+    from rsnn_paper.evaluation import blackbox, slim_record, strong, to_bits, whitebox_outcomes
+    from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
+    check_curve_claims(cfg)
+    snn, ann, other = M["snn_pgd_at"], M["ann_pgd_at"], M["snn_clean"]
+    srcs = lambda name: GRADIENT_SOURCES if name.startswith("snn") else (DEFAULT_SOURCE,)
+    slim_bb = lambda r: {**{k: r[k] for k in ("attack", "eps", "n", "clean_acc", "robust_acc")},
+                         "robust": to_bits(r["robust"])}
+    out = {}
+    for e in (float(v) for v in cfg.eps_curve if float(v) > 0):
+        at_test, pt = abs(e - cfg.eps_test) < 1e-12, {}
+        if "ensemble" in cfg.curve_claims and not at_test:
+            pt["single_source"] = {**slim_record(strong(*snn, x, y, e, cfg, store, sources=(best_source,),
+                                                        progress=progress)), "source": best_source}
+        if "blackbox" in cfg.curve_claims and not at_test:
+            wb = strong(*snn, x, y, e, cfg, store, GRADIENT_SOURCES, progress=progress)  # the curve's point
+            white = whitebox_outcomes(wb["clean_correct"], wb["broken_by"])
+            bb = {"square_snn": blackbox(*snn, x, y, "square", e, cfg, store, progress=progress),
+                  "transfer_from_ann": blackbox(*snn, x, y, "pgd", e, cfg, store, source=ann, progress=progress),
+                  "transfer_from_other_snn": blackbox(*snn, x, y, "pgd", e, cfg, store, source=other, progress=progress)}
+            pt["whitebox_robust"] = to_bits(white)
+            pt["whitebox_acc"] = float(sum(white)) / len(white)
+            pt["blackbox"] = {k: slim_bb(v) for k, v in bb.items()}
+            pt["warnings"] = [f"{k} ({v['robust_acc']:.3f}) is stronger than the white-box attacks "
+                              f"({pt['whitebox_acc']:.3f}) at ε={e * 255:g}/255: the white-box evaluation is unreliable"
+                              for k, v in bb.items() if v["robust_acc"] < pt["whitebox_acc"]]
+        if "transfer" in cfg.curve_claims:
+            pt["transfer"] = {k: slim_record(strong(*M[k], x, y, e, cfg, store, sources=srcs(k), progress=progress))
+                              for k in ("snn_clean", "ann_clean")}
+        out[f"{e:.6f}"] = pt
+    return out
+
+
+def _along_get(*path):
+    "The accuracy at `path` in one `along_eps` point, or None when that point lacks it."
+    def get(p):
+        for k in path:
+            if not isinstance(p, dict) or k not in p:
+                return None
+            p = p[k]
+        return float(p)
+    return get
+
+
+#: The rows the curve table adds for `along_eps` (label, accessor).
+ALONG_ROWS = (("finetuned SNN: white-box stages of the strong protocol only", _along_get("whitebox_acc")),
+              ("finetuned SNN: Square", _along_get("blackbox", "square_snn", "robust_acc")),
+              ("finetuned SNN: transfer from the PGD-AT ANN", _along_get("blackbox", "transfer_from_ann", "robust_acc")),
+              ("finetuned SNN: transfer from the SNN of the clean ANN",
+               _along_get("blackbox", "transfer_from_other_snn", "robust_acc")),
+              ("finetuned SNN: strong protocol with the single strongest source",
+               _along_get("single_source", "robust_acc")),
+              ("ANN, clean training", _along_get("transfer", "ann_clean", "robust_acc")),
+              ("SNN converted from the clean ANN + finetuning", _along_get("transfer", "snn_clean", "robust_acc")))
 
 
 def render_curves(out: dict) -> list:
@@ -356,10 +437,18 @@ def render_curves(out: dict) -> list:
     rows = [{"model": r["label"], **{col(e): format_acc(r["strong_curve"][e], n) for e in eps}} for r in m.values()]
     rows += [{"model": f"at ε_train: {k}", col(out["eps_train"]): format_acc(r["robust_acc"], n)}
              for k, r in out["at_eps_train"].items()]
+    along = out.get("along_eps") or {}
+    for label, get in ALONG_ROWS:  # the other claims' evaluations at every ε (`curve_claims`)
+        vals = {col(e): format_acc(v, n) for e, p in along.items() if (v := get(p)) is not None}
+        if vals:
+            rows.append({"model": label, **vals})
     write_table(pd.DataFrame(rows).fillna(""), fdir / "curve_table",
                 f"Robust accuracy against ε, strong protocol (scale {out['scale']}, T={out['T']}, n={n}, 95% Wilson "
                 f"intervals; the SNNs over the 19 gradient sources, the ANN over its one; "
-                f"last rows: the models of the transfer claim at ε_train)")
+                + ("then the models of the transfer claim at ε_train; last rows: the other claims' evaluations along "
+                   "ε — the finetuned SNN's white-box outcomes alone, black-box attacks on it (Square, transfer), the "
+                   "strong protocol with one source, and the clean ANN and its SNN)" if along else
+                   "last rows: the models of the transfer claim at ε_train)"))
     snns = {k: r for k, r in m.items() if k in ("finetuned", *BASELINES)}
     paths = [fdir / "curve_table.md", _plot_eps_curves(snns, out, fdir / "main_eps_curve.png",
                                                         f"Robustness vs ε (T={out['T']}, scale {out['scale']}, n={n})")]

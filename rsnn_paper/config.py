@@ -83,6 +83,10 @@ class Config:
     apgd_steps: int = 10              # the authors' runs use 10; AutoAttack uses 100
     square_queries: int = 5000
     eps_curve: tuple = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # the accuracy-vs-ε figure
+    # the claims decided at every ε of `eps_curve` besides the comparison with end-to-end training (whose curves the
+    # `curves` section draws anyway): "transfer" (the clean ANN and its SNN attacked at every ε), "ensemble" (the strong
+    # protocol with the single strongest source at every ε), "blackbox" (Square and both transfer attacks at every ε)
+    curve_claims: tuple = ("transfer", "ensemble", "blackbox")
     # the strong protocol (every claim is decided on it; `rsnn_paper.evaluation`): the per-image worst case over
     # APGD-CE, targeted APGD-DLR and a cosine-step PGD with restarts (every gradient source), then Square
     strong_steps: int = 100           # iterations of APGD-CE, APGD-T and the cosine PGD (AutoAttack: 100)
@@ -147,6 +151,8 @@ SCALES: dict[str, dict[str, Any]] = {
                 e2e_n_train=10000, e2e_attack_steps=2, e2e_full_attacks=("pgd",), ablation_T=(4, 16),
                 n_ablation=500, n_ood=500,
                 headline_seeds=(0,), snapshot_every=1, n_budget=300),
+    # ci: CI's 2 cores in minutes; its claims are decided along ε only against the end-to-end baselines (curve_claims:
+    # the other claims' evaluations at every ε would cost CI about two more minutes)
     "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
                width=0.125, channels_last=False, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
@@ -155,7 +161,7 @@ SCALES: dict[str, dict[str, Any]] = {
                n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 8 / 255),
                strong_steps=20, strong_restarts=1, strong_targets=3, strong_sources=3, conv_sources=2,
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
-               ablation_T=(8,), n_ablation=100, n_ood=100, snapshot_every=0, n_budget=20),
+               ablation_T=(8,), n_ablation=100, n_ood=100, snapshot_every=0, n_budget=20, curve_claims=()),
 }
 
 

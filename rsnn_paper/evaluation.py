@@ -278,17 +278,17 @@ def from_bits(bits) -> list[bool]:
 
 def strong_points(model, key: str, x, y, cfg: Config, store: ArtifactStore, at_eps_test: dict,
                   sources=GRADIENT_SOURCES, progress: bool = False, quiet: bool = False) -> dict:
-    """The strong protocol at every ε of `cfg.eps_curve`, as {f"{ε:.6f}": {"robust_acc", "robust"}} (`robust`: the
-    per-image outcomes as a `to_bits` string, for paired comparisons); ε = 0 is the clean accuracy, ε_test is
-    `at_eps_test` (the record at ε_test)."""
+    """The strong protocol at every ε of `cfg.eps_curve`, as {f"{ε:.6f}": {"robust_acc", "robust", "converged"}}
+    (`robust`: the per-image outcomes as a `to_bits` string, for paired comparisons; `converged`: that point's
+    convergence check); ε = 0 is the clean accuracy, ε_test is `at_eps_test` (the record at ε_test)."""
     def point(e: float) -> dict:
         if e == 0:
-            r = {"robust_acc": at_eps_test["clean_acc"], "robust": at_eps_test["clean_correct"]}
+            r = {"robust_acc": at_eps_test["clean_acc"], "robust": at_eps_test["clean_correct"], "converged": True}
         elif abs(e - cfg.eps_test) < 1e-12:
             r = at_eps_test
         else:
             r = strong(model, key, x, y, e, cfg, store, sources, progress=progress, quiet=quiet)
-        return {"robust_acc": float(r["robust_acc"]), "robust": to_bits(r["robust"])}
+        return {"robust_acc": float(r["robust_acc"]), "robust": to_bits(r["robust"]), "converged": bool(r["converged"])}
     return {f"{e:.6f}": point(float(e)) for e in cfg.eps_curve}
 
 

@@ -220,8 +220,47 @@ TRANSFER_CLAIM = ("Robustness transfers from the ANN: the SNN converted from the
                   "robust at ε_train than the SNN from the clean ANN, and within 5 points of its ANN")
 
 
+def _transfer_verdict(ours: dict, other: dict, robust_ann: dict, clean_ann: dict, bits: dict) -> tuple:
+    """The transfer claim on four accuracies (`_acc` dicts) and their per-image outcomes `bits` (keys ours, other,
+    robust_ann; None when not kept): (holds, firm, paired, gap, gap_ci)."""
+    gap = robust_ann["acc"] - ours["acc"]
+    holds = robust_ann["acc"] > clean_ann["acc"] and ours["acc"] > other["acc"] and gap <= 0.05
+    yes, no, paired = _more_robust(bits["ours"], bits["other"], (ours, other))
+    gap_ci = None
+    if bits["robust_ann"] is not None and bits["ours"] is not None:
+        gap_ci = _paired(bits["robust_ann"], bits["ours"])["diff_ci"]
+    firm_gap = gap_ci is None or gap_ci[1] <= 0.05
+    firm = (holds and yes and firm_gap) or (not holds and (no or (gap_ci is not None and gap_ci[0] > 0.05)))
+    return holds, firm, paired, float(gap), gap_ci
+
+
+def _by_eps(entries: list) -> dict:
+    "Per-ε verdicts `(ε, numbers, holds, firm, converged, paired)` as {ε label: {...numbers, holds, firm, converged}}, by ε."
+    out = {}
+    for e, numbers, holds, firm, conv, paired in sorted(entries, key=lambda t: float(t[0])):
+        out[_eps(e)] = {**numbers, "holds": bool(holds), "firm": bool(firm and conv is not False), "converged": conv,
+                        **({"paired": paired} if paired is not None else {})}
+    return out
+
+
+def _along(R: dict, item: str) -> list:
+    "The `curves` section's along-ε points holding `item`, as [(ε, point)] (none without curves or `curve_claims`)."
+    return [(float(e), p) for e, p in ((R.get("curves") or {}).get("along_eps") or {}).items() if item in p]
+
+
+def _curve_point(R: dict, model: str, e: float):
+    "`model`'s curve point at ε `e` as (robust_acc, per-image outcomes, converged), or None."
+    m = (R.get("curves") or {}).get("models", {}).get(model)
+    k = f"{e:.6f}"
+    if m is None or k not in m["strong_curve"]:
+        return None
+    return (m["strong_curve"][k], _robust_bits((m.get("strong_curve_robust") or {}).get(k)),
+            (m.get("strong_curve_converged") or {}).get(k))
+
+
 def claim_transfer(R: dict) -> dict:
-    "Robustness transfers from the ANN (strong protocol at ε_train, on the main table's images; the `curves` section)."
+    """Robustness transfers from the ANN (strong protocol at ε_train, on the main table's images; the `curves`
+    section), and the same comparison at every ε of the curve when measured (`numbers.by_eps`)."""
     if "curves" not in R:
         return _pending("transfer", TRANSFER_CLAIM, "curves", _eps(R["attacks"]["eps_train"]))
     a = R["curves"]
@@ -229,20 +268,27 @@ def claim_transfer(R: dict) -> dict:
     e = a["at_eps_train"]
     ours, other, robust_ann, clean_ann = (_acc(e[k]["robust_acc"], n) for k in
                                           ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean"))
-    gap = robust_ann["acc"] - ours["acc"]
-    holds = robust_ann["acc"] > clean_ann["acc"] and ours["acc"] > other["acc"] and gap <= 0.05
-    yes, no, paired = _more_robust(_robust(e["snn_pgd_at"]), _robust(e["snn_clean"]), (ours, other))
-    gap_ci = None
-    if _robust(e["ann_pgd_at"]) is not None and _robust(e["snn_pgd_at"]) is not None:
-        gap_ci = _paired(_robust(e["ann_pgd_at"]), _robust(e["snn_pgd_at"]))["diff_ci"]
-    firm_gap = gap_ci is None or gap_ci[1] <= 0.05
-    firm = (holds and yes and firm_gap) or (not holds and (no or (gap_ci is not None and gap_ci[0] > 0.05)))
+    bits = {"ours": _robust(e["snn_pgd_at"]), "other": _robust(e["snn_clean"]), "robust_ann": _robust(e["ann_pgd_at"])}
+    holds, firm, paired, gap, gap_ci = _transfer_verdict(ours, other, robust_ann, clean_ann, bits)
     conv = all(e[k]["converged"] for k in e)
+    by = []
+    for eps, p in _along(R, "transfer"):
+        fo, fa = _curve_point(R, "finetuned", eps), _curve_point(R, "ann_pgd_at", eps)
+        if fo is None or fa is None:
+            continue
+        t = p["transfer"]
+        accs = {"snn_from_pgd_at_ann": _acc(fo[0], n), "snn_from_clean_ann": _acc(t["snn_clean"]["robust_acc"], n),
+                "pgd_at_ann": _acc(fa[0], n), "clean_ann": _acc(t["ann_clean"]["robust_acc"], n)}
+        h, f, pr, g, gci = _transfer_verdict(*accs.values(), {"ours": fo[1], "other": _robust(t["snn_clean"]),
+                                                               "robust_ann": fa[1]})
+        c = None if fo[2] is None or fa[2] is None else bool(fo[2] and fa[2] and t["snn_clean"]["converged"]
+                                                            and t["ann_clean"]["converged"])
+        by.append((eps, {**accs, "gap_to_ann": g, **({"gap_to_ann_ci": gci} if gci is not None else {})}, h, f, c, pr))
     return {"id": "transfer", "claim": TRANSFER_CLAIM,
             **_decided(holds, firm, _eps(a["eps_train"]), conv, paired=paired),
             "numbers": {"snn_from_pgd_at_ann": ours, "snn_from_clean_ann": other, "pgd_at_ann": robust_ann,
-                        "clean_ann": clean_ann, "gap_to_ann": float(gap),
-                        **({"gap_to_ann_ci": gap_ci} if gap_ci is not None else {})}}
+                        "clean_ann": clean_ann, "gap_to_ann": gap,
+                        **({"gap_to_ann_ci": gap_ci} if gap_ci is not None else {}), "by_eps": _by_eps(by)}}
 
 
 def _ratio_verdict(a: list | None, b: list | None, wa: dict, wb: dict, k: float = 1.5) -> tuple[bool, bool, dict | None]:
@@ -281,9 +327,12 @@ def claim_vs_e2e(R: dict) -> dict:
         h = (a / c if c > 0 else float("inf")) >= 1.5
         vec = lambda name: _robust_bits((cm[name].get("strong_curve_robust") or {}).get(e))
         y_, n_, p_ = _ratio_verdict(vec("finetuned"), vec(k), o, t)
+        conv_e = [(cm[name].get("strong_curve_converged") or {}).get(e) for name in ("finetuned", k)]
+        conv_e = None if None in conv_e else all(conv_e)
         by_eps[_eps(e)] = {"ours": o, "e2e": t, "e2e_model": k, **({"ratio": float(a / c)} if c > 0 else {}),
                            **({"ratio_ci": p_["ratio_ci"], "p_ours_greater": p_["p_a_greater"]} if p_ else {}),
-                           "holds": bool(h), "firm": bool(y_ if h else n_)}
+                           "holds": bool(h), "firm": bool((y_ if h else n_) and conv_e is not False),
+                           "converged": conv_e}
     conv = all(bool(m[k]["strong.converged"]) for k in ("finetuned", *BASELINES))
     return {"id": "vs_e2e",
             "claim": "About 2× the robustness of end-to-end robust SNN training (strong protocol at ε_test; holds when "
@@ -305,13 +354,39 @@ def claim_ensemble(R: dict) -> dict:
     conv = bool(a["strong"]["converged"] and a["strong_single_source"]["converged"])
     holds = ens["acc"] < single["acc"]
     yes, no, paired = _more_robust(_robust(a["strong_single_source"]), _robust(a["strong"]), (single, ens))
+    by = []
+    for eps, pt in _along(R, "single_source"):  # the same comparison at every ε of the curve
+        fo = _curve_point(R, "finetuned", eps)
+        if fo is None:
+            continue
+        s1 = pt["single_source"]
+        en, si = _acc(fo[0], n), _acc(s1["robust_acc"], n)
+        y_, n_, pr = _more_robust(_robust(s1), fo[1], (si, en))
+        h = en["acc"] < si["acc"]
+        by.append((eps, {"ensemble": en, "best_single": si}, h, y_ if h else n_,
+                   None if fo[2] is None else bool(fo[2] and s1["converged"]), pr))
+    if by:
+        by.append((float(a["eps"]), {"ensemble": ens, "best_single": single}, holds, yes if holds else no, conv, paired))
     return {"id": "ensemble",
             "claim": "The 19-source ensemble is stronger than any single gradient source (strong protocol at ε_test, "
                      "against the same attacks with the source that was strongest alone under the paper's PGD)",
             **_decided(holds, yes if holds else no, _eps(a["eps"]), conv, paired=paired),
             "numbers": {"ensemble": ens, "best_single": single, "best_single_source": a["strong_single_source"]["source"],
                         "paper_protocol_pgd": {"ensemble": _acc(p["ensemble_acc"], n),
-                                               "best_single": _acc(p["best_single_acc"], n)}}}
+                                               "best_single": _acc(p["best_single_acc"], n)},
+                        "by_eps": _by_eps(by)}}
+
+
+def _blackbox_verdict(wb: dict, white: list | None, bb: dict, bits: dict) -> tuple:
+    """Black-box weaker than white-box: `wb` the white-box accuracy (`_acc`), `white` its per-image outcomes, `bb`
+    {attack: `_acc`}, `bits` {attack: outcomes}: (holds, firm, paired)."""
+    verdicts = {k: _more_robust(bits[k], white, (bb[k], wb)) for k in bb}
+    holds = min(v["acc"] for v in bb.values()) - wb["acc"] >= 0
+    firm = all(v[0] for v in verdicts.values()) if holds else any(
+        v[2] is not None and mcnemar(white, bits[k])["p_a_greater"] < ALPHA or
+        v[2] is None and _apart(wb, bb[k]) for k, v in verdicts.items())
+    paired = {k: v[2] for k, v in verdicts.items()} if all(v[2] is not None for v in verdicts.values()) else None
+    return holds, firm, paired
 
 
 def claim_blackbox(R: dict) -> dict:
@@ -320,18 +395,23 @@ def claim_blackbox(R: dict) -> dict:
     wb = _acc(a["strong"]["whitebox_acc"], n)
     names = [k for k in a["blackbox"] if k != "square_ann"]
     bb = {k: _acc(a["blackbox"][k]["robust_acc"], n) for k in names}
-    weakest_gap = min(v["acc"] for v in bb.values()) - wb["acc"]
-    white = _whitebox_robust(a["strong"])
-    verdicts = {k: _more_robust(_robust(a["blackbox"][k]), white, (bb[k], wb)) for k in names}
-    holds = weakest_gap >= 0
-    firm = all(v[0] for v in verdicts.values()) if holds else any(
-        v[2] is not None and mcnemar(white, _robust(a["blackbox"][k]))["p_a_greater"] < ALPHA or
-        v[2] is None and _apart(wb, bb[k]) for k, v in verdicts.items())
-    paired = {k: v[2] for k, v in verdicts.items()} if all(v[2] is not None for v in verdicts.values()) else None
+    holds, firm, paired = _blackbox_verdict(wb, _whitebox_robust(a["strong"]), bb,
+                                            {k: _robust(a["blackbox"][k]) for k in names})
+    by = []
+    for eps, pt in _along(R, "blackbox"):  # the same comparison at every ε of the curve
+        fo = _curve_point(R, "finetuned", eps)
+        w = _acc(pt["whitebox_acc"], n)
+        b = {k: _acc(pt["blackbox"][k]["robust_acc"], n) for k in names if k in pt["blackbox"]}
+        h, f, pr = _blackbox_verdict(w, _robust_bits(pt["whitebox_robust"]), b,
+                                     {k: _robust(pt["blackbox"][k]) for k in b})
+        by.append((eps, {"whitebox_strongest": w, **b}, h, f, None if fo is None else fo[2], pr))
+    if by:
+        by.append((float(a["eps"]), {"whitebox_strongest": wb, **bb}, holds, firm, bool(a["strong"]["converged"]),
+                   paired))
     return {"id": "blackbox",
             "claim": "Black-box attacks (Square, transfer) are weaker than the white-box attacks on the SNN",
             **_decided(holds, firm, _eps(a["eps"]), bool(a["strong"]["converged"]), paired=paired),
-            "numbers": {"whitebox_strongest": wb, **bb}}
+            "numbers": {"whitebox_strongest": wb, **bb, "by_eps": _by_eps(by)}}
 
 
 OOD_CLAIM = ("Robust models degrade less under common corruptions (relative drop of the mean corrupted accuracy from "
@@ -451,7 +531,11 @@ def write_claims(scale: str) -> list[dict]:
             row["over seeds"] = "–" if s is None else (
                 f"seeds {s['seeds']}: holds {['yes' if h else 'no' for h in s['holds']]}; "
                 + "; ".join(f"{k} {lo:.3f}–{hi:.3f}" for k, (lo, hi) in s["spread"].items()))
-        row["numbers"] = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items()) or c.get("pending", "")
+        by = c["numbers"].get("by_eps") or {}
+        row["along ε"] = "; ".join(f"{e}: {'yes' if v['holds'] else 'no'}{', firm' if v['firm'] else ''}"
+                                   for e, v in by.items()) or "–"
+        row["numbers"] = "; ".join(f"{k}: {_fmt(v)}" for k, v in c["numbers"].items() if k != "by_eps") or c.get(
+            "pending", "")
         if c.get("paired"):
             p = c["paired"]
             row["paired test"] = "; ".join(f"{k}: {_fmt_paired(v)}" for k, v in p.items()) if all(

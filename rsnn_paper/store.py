@@ -116,11 +116,13 @@ def run_of(out: dict) -> RunTarget:
     return config_from_dict(out["config"]) if isinstance(out.get("config"), dict) else out["scale"]
 
 # %% ../nbs/06_store.ipynb #affad799
-def committed_scale(root=None) -> str:
+def committed_scale(root=None, section: Optional[str] = None) -> str:
     """The scale whose committed results the section notebooks display: `"cpu"` when `<project>/results/cpu/` holds a
-    `summary.json` (a finished `cpu` run), else `"ci"`. `root`: the project folder (default `project_root()`)."""
+    `summary.json` (a `cpu` run) — or, with `section`, that section's results file (the `cpu` scale's later sections are
+    sittings of their own, so a section not yet run there is shown at `ci`) — else `"ci"`. `root`: the project folder
+    (default `project_root()`)."""
     root = Path(root) if root is not None else project_root()
-    return "cpu" if (root / "results" / "cpu" / "summary.json").is_file() else "ci"
+    return "cpu" if (root / "results" / "cpu" / f"{section or 'summary'}.json").is_file() else "ci"
 
 # %% ../nbs/06_store.ipynb #a0371008
 def _atomic_write(path: Path, write) -> Path:

@@ -27,7 +27,7 @@ EXPECTED: dict[frozenset, tuple[str, ...]] = {
                   "n_eval", "apgd_steps", "square_queries", "eps_curve", "strong_steps", "strong_restarts",
                   "strong_targets", "strong_sources", "conv_sources", "conv_tol", "ablation_alphas", "ablation_T",
                   "ablation_ann_objectives", "n_ablation", "ood_severities", "n_ood", "headline_seeds", "n_budget",
-                  "e2e_full_attacks"),  # evaluation
+                  "e2e_full_attacks", "curve_claims"),  # evaluation
     ALL: ("seed", "dataset", "n_train", "n_val", "arch", "width", "channels_last", "eps_train", "val_attack_steps",
           "n_val_eval"),
     ANN_CHAIN: ("ann_epochs", "ann_batch_size", "ann_lr", "ann_momentum", "ann_weight_decay", "ann_cutout",

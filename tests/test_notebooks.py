@@ -16,27 +16,36 @@ def test_committed_scale(tmp_path):
     assert committed_scale(tmp_path) == "ci"  # an empty folder is not a finished run
     (tmp_path / "results" / "cpu" / "summary.json").write_text("{}")
     assert committed_scale(tmp_path) == "cpu"
+    # the cpu scale's later sections are sittings of their own: a section not run there yet is shown at ci
+    (tmp_path / "results" / "cpu" / "attacks.json").write_text("{}")
+    assert committed_scale(tmp_path, section="attacks") == "cpu"
+    assert committed_scale(tmp_path, section="ablations") == "ci"
 
 
 @pytest.mark.parametrize("stem,files", [
-    ("10_ann_training", ("ann_table.md", "ann_learning_curves.png")),
-    ("11_conversion", ("conversion_table.md", "conversion_thresholds.png", "conversion_sweeps.png")),
-    ("12_finetuning", ("finetune_table.md", "finetune_thresholds.png", "finetune_curves.png")),
-    ("13_attack_ensemble", ("attack_sources_table.md", "attack_strong_table.md", "attack_blackbox_table.md",
-                            "attack_eps_curve.png", "../surrogates.png")),
-    ("14_baselines", ("main_table.md", "cost_table.md", "spike_rates.png", "main_eps_curve.png", "budget_curve.png")),
-    ("15_ablations", ("ablation_table.md", "ablations.png")),
-    ("16_ood", ("ood_table.md", "ood.png", "../corruptions.png")),
+    ("10_ann_training", (("ann", "ann_table.md"), ("ann", "ann_learning_curves.png"))),
+    ("11_conversion", (("conversion", "conversion_table.md"), ("conversion", "conversion_thresholds.png"),
+                       ("conversion", "conversion_sweeps.png"))),
+    ("12_finetuning", (("finetune", "finetune_table.md"), ("finetune", "finetune_thresholds.png"),
+                       ("finetune", "finetune_curves.png"))),
+    ("13_attack_ensemble", (("attacks", "attack_sources_table.md"), ("attacks", "attack_strong_table.md"),
+                            ("attacks", "attack_blackbox_table.md"), ("curves", "attack_eps_curve.png"),
+                            ("attacks", "../surrogates.png"))),
+    ("14_baselines", (("baselines", "main_table.md"), ("baselines", "cost_table.md"), ("baselines", "spike_rates.png"),
+                      ("curves", "main_eps_curve.png"), ("budgets", "budget_curve.png"))),
+    ("15_ablations", (("ablations", "ablation_table.md"), ("ablations", "ablations.png"))),
+    ("16_ood", (("ood", "ood_table.md"), ("ood", "ood.png"), ("ood", "../corruptions.png"))),
 ])
 def test_section_notebooks_show_committed_results(stem, files):
-    "Each section notebook displays files that are committed at the committed scale, and is saved with outputs."
-    fdir = figures_dir(committed_scale())
-    for f in files:
-        assert (fdir / f).is_file(), fdir / f
+    """Each section notebook displays files that are committed at the scale it shows (per section: the largest
+    committed scale that ran it), and is saved with outputs."""
+    for section, f in files:
+        path = figures_dir(committed_scale(section=section)) / f
+        assert path.is_file(), path
     nb = json.loads((project_root() / "nbs" / f"{stem}.ipynb").read_text())
     shown = [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "display_data"]
-    assert sum("image/png" in o["data"] for o in shown) == sum(f.endswith(".png") for f in files)
-    assert sum("text/markdown" in o["data"] for o in shown) == sum(f.endswith(".md") for f in files)
+    assert sum("image/png" in o["data"] for o in shown) == sum(f.endswith(".png") for _, f in files)
+    assert sum("text/markdown" in o["data"] for o in shown) == sum(f.endswith(".md") for _, f in files)
     assert all(c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")  # nbdev_clean'd
 
 

@@ -215,6 +215,8 @@ PAPER = dict(
     snapshot_every=20, n_budget=None,
     # the paper protocol against the end-to-end baselines: every attack over every source on every image
     e2e_full_attacks=("fgsm", "pgd", "apgd-ce"),
+    # every claim decided at every ε of the curve, not only the comparison with end-to-end training
+    curve_claims=("transfer", "ensemble", "blackbox"),
 )
 
 

@@ -237,6 +237,15 @@ def test_the_curves_are_rendered_with_intervals(tmp_path, monkeypatch):
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     table = paths[0].read_text()
     assert "8/255" in table and "at ε_train: snn_clean" in table and "0.300 [" in table
+    assert "Square" not in table  # no along-ε rows without along-ε evaluations
+    out["along_eps"] = {f"{4 / 255:.6f}": {"whitebox_acc": 0.2, "blackbox": {"square_snn": {"robust_acc": 0.45}},
+                                            "single_source": {"robust_acc": 0.25}},
+                        f"{8 / 255:.6f}": {"transfer": {"snn_clean": {"robust_acc": 0.0}, "ann_clean": {"robust_acc": 0.01}}}}
+    table = render_curves(out)[0].read_text()
+    row = next(ln for ln in table.splitlines() if "finetuned SNN: Square" in ln)
+    assert "0.450 [" in row and row.count("[") == 1  # one ε measured, the others left empty
+    assert "strong protocol with the single strongest source" in table and "ANN, clean training" in table
+    assert "transfer from the PGD-AT ANN" not in table  # not measured: no row
 
 
 def test_render_all_fails_on_a_missing_results_file(tmp_path, monkeypatch):
@@ -431,3 +440,110 @@ def test_the_baselines_run_the_paper_protocol_in_full_only_for_the_configured_at
     for bad in (("fgsm",), ("pgd", "square")):
         with pytest.raises(ValueError, match="e2e_full_attacks"):
             att.evaluate_protocols(None, "e2e-abc", None, None, cpu.replace(e2e_full_attacks=bad), None)
+
+
+def _bits(k: int, n: int = 100) -> str:
+    "Per-image outcomes: the first `k` of `n` images robust."
+    return "1" * k + "0" * (n - k)
+
+
+def test_every_claim_is_also_decided_at_every_eps_of_the_curve():
+    """With the `curves` section's along-ε evaluations, the transfer, ensemble and black-box claims get a verdict at
+    every ε (`numbers.by_eps`, ascending, each naming its ε, firm only where that point converged); the headline
+    verdict stays at the paper's reading point."""
+    R = _fake_results()
+    e = lambda k: f"{k / 255:.6f}"
+    pt = lambda acc, bits, conv=True: {"robust_acc": acc, "robust": bits, "converged": conv}
+    R["curves"]["models"] = {
+        "finetuned": {"strong_curve": {e(0): 0.45, e(2): 0.30, e(4): 0.20, e(8): 0.12},
+                      "strong_curve_robust": {e(2): _bits(30), e(4): _bits(20), e(8): _bits(12)},
+                      "strong_curve_converged": {e(0): True, e(2): True, e(4): True, e(8): True}},
+        "ann_pgd_at": {"strong_curve": {e(2): 0.30, e(4): 0.25, e(8): 0.15},
+                       "strong_curve_robust": {e(2): _bits(30), e(4): _bits(25), e(8): _bits(15)},
+                       "strong_curve_converged": {e(2): True, e(4): True, e(8): True}}}
+    bb = lambda acc: {"attack": "square", "robust_acc": acc, "robust": _bits(round(acc * 100))}
+    R["curves"]["along_eps"] = {
+        e(2): {"single_source": {**pt(0.35, _bits(35)), "source": "pcw_1"},
+               "whitebox_robust": _bits(32), "whitebox_acc": 0.32,
+               "blackbox": {"square_snn": bb(0.6), "transfer_from_ann": bb(0.7), "transfer_from_other_snn": bb(0.8)},
+               "transfer": {"snn_clean": pt(0.05, _bits(5)), "ann_clean": pt(0.10, _bits(10))}},
+        e(4): {"single_source": {**pt(0.26, _bits(26), conv=False), "source": "pcw_1"},
+               "whitebox_robust": _bits(21), "whitebox_acc": 0.21,
+               "blackbox": {"square_snn": bb(0.15), "transfer_from_ann": bb(0.5), "transfer_from_other_snn": bb(0.6)},
+               "transfer": {"snn_clean": pt(0.01, _bits(1)), "ann_clean": pt(0.02, _bits(2))}},
+        e(8): {"transfer": {"snn_clean": pt(0.0, _bits(0)), "ann_clean": pt(0.0, _bits(0))}}}
+    ens = paper.claim_ensemble(R)
+    by = ens["numbers"]["by_eps"]
+    assert list(by) == ["2/255", "4/255", "8/255"]  # ε_test from the attack section's own records
+    assert by["2/255"]["holds"] and by["2/255"]["firm"] and by["2/255"]["converged"] is True
+    assert by["2/255"]["paired"]["n_a_only"] == 5  # five images only the single source leaves robust
+    assert by["4/255"]["holds"] and not by["4/255"]["firm"] and by["4/255"]["converged"] is False
+    assert (by["8/255"]["holds"], by["8/255"]["firm"]) == (ens["holds"], ens["firm"])
+    bbc = paper.claim_blackbox(R)["numbers"]["by_eps"]
+    assert bbc["2/255"]["holds"] and bbc["2/255"]["firm"]
+    assert not bbc["4/255"]["holds"]  # Square (0.15) beats the white-box stages (0.21) there
+    assert bbc["4/255"]["firm"]  # McNemar: 6 images only the white-box attacks leave robust, none the other way
+    tr = paper.claim_transfer(R)["numbers"]["by_eps"]
+    assert list(tr) == ["2/255", "4/255", "8/255"]
+    assert tr["2/255"]["holds"] and tr["2/255"]["firm"] and tr["2/255"]["gap_to_ann"] == pytest.approx(0.0)
+    assert tr["4/255"]["holds"] and tr["4/255"]["gap_to_ann"] == pytest.approx(0.05)
+    assert not tr["8/255"]["holds"] or tr["8/255"]["snn_from_clean_ann"]["acc"] == 0.0
+    # without along-ε evaluations (`curve_claims=()`, or no curves yet) the claims have no by-ε verdicts
+    R["curves"]["along_eps"] = {}
+    assert all(f(R)["numbers"]["by_eps"] == {} for f in (paper.claim_ensemble, paper.claim_blackbox,
+                                                          paper.claim_transfer))
+    # vs_e2e: a point whose evaluation did not converge is reported, never firm
+    m = R["curves"]["models"]
+    m["e2e_at"] = {"strong_curve": {e(2): 0.05, e(8): 0.05}, "strong_curve_robust": {e(2): _bits(5), e(8): _bits(5)},
+                   "strong_curve_converged": {e(2): False, e(8): True}}
+    m["snn_rat"] = {"strong_curve": {e(2): 0.04, e(8): 0.02}, "strong_curve_converged": {e(2): True, e(8): True}}
+    m["finetuned"]["strong_curve"] = {e(2): 0.30, e(8): 0.12}
+    v = paper.claim_vs_e2e(R)["numbers"]["by_eps"]
+    assert v["2/255"]["holds"] and not v["2/255"]["firm"] and v["2/255"]["converged"] is False
+    assert v["8/255"]["converged"] is True
+
+
+def test_along_eps_evaluates_each_configured_claim_at_every_eps(monkeypatch):
+    import rsnn_paper.baselines as B
+    import rsnn_paper.evaluation as ev
+    from rsnn_paper.surrogates import GRADIENT_SOURCES
+    n = 4
+    x, y = torch.rand(n, 3, 8, 8), torch.arange(n)
+    calls = []
+
+    def fake_strong(model, key, xb, yb, eps, cfg, store, sources=GRADIENT_SOURCES, **k):
+        calls.append((key, round(eps * 255), len(sources)))
+        robust = [True, key == "ft", False, False]
+        return {"protocol": "strong", "eps": eps, "n": n, "robust_acc": sum(robust) / n, "robust": robust,
+                "clean_correct": [True] * n, "converged": True,
+                "broken_by": [None, None if key == "ft" else ["pgd", "pcw_1", 1], ["square", None, -1],
+                              ["pgd", "pcw_1", 0]]}
+
+    def fake_blackbox(model, key, xb, yb, attack, eps, cfg, store, source=None, **k):
+        robust = [True, False, False, False] if attack == "square" else [True] * n
+        return {"attack": attack, "eps": eps, "n": n, "clean_acc": 1.0, "robust_acc": sum(robust) / n,
+                "robust": robust}
+    monkeypatch.setattr(ev, "strong", fake_strong)
+    monkeypatch.setattr(ev, "blackbox", fake_blackbox)
+    M = {k: (None, k2) for k, k2 in (("snn_pgd_at", "ft"), ("ann_pgd_at", "ann"), ("snn_clean", "ftc"),
+                                     ("ann_clean", "annc"))}
+    cfg = get_config("cpu")
+    assert cfg.curve_claims == B.CURVE_CLAIMS and get_config("ci").curve_claims == ()
+    out = B.along_eps(cfg, M, x, y, None, "pcw_0.5")
+    assert list(out) == [f"{e:.6f}" for e in cfg.eps_curve if e > 0]
+    at_test = out[f"{cfg.eps_test:.6f}"]
+    assert set(at_test) == {"transfer"}  # at ε_test the attack section's records decide the other claims
+    p1 = out[f"{1 / 255:.6f}"]
+    assert set(p1) == {"single_source", "whitebox_robust", "whitebox_acc", "blackbox", "warnings", "transfer"}
+    assert p1["single_source"]["source"] == "pcw_0.5" and ("ft", 1, 1) in calls  # one source only
+    assert ("ft", 1, len(GRADIENT_SOURCES)) in calls  # the curve's own point, for its white-box outcomes
+    assert ("ftc", 1, len(GRADIENT_SOURCES)) in calls and ("annc", 1, 1) in calls
+    assert p1["whitebox_robust"] == "1110" and p1["whitebox_acc"] == 0.75  # Square's break is not white-box
+    assert set(p1["blackbox"]) == {"square_snn", "transfer_from_ann", "transfer_from_other_snn"}
+    assert p1["blackbox"]["square_snn"]["robust"] == "1000"
+    assert len(p1["warnings"]) == 1 and "square_snn" in p1["warnings"][0]  # stronger than the white-box attacks
+    only = B.along_eps(cfg.replace(curve_claims=("ensemble",)), M, x, y, None, "pcw_1")
+    assert all(set(v) <= {"single_source"} for v in only.values())
+    assert B.along_eps(get_config("ci"), M, x, y, None, "pcw_1") == {e: {} for e in ("0.007843", "0.031373")}
+    with pytest.raises(ValueError, match="unknown curve_claims"):
+        B.along_eps(cfg.replace(curve_claims=("bogus",)), M, x, y, None, "pcw_1")
