@@ -368,7 +368,8 @@ def along_eps(cfg: Config, M: dict, x, y, store: ArtifactStore, best_source: str
     and the transfer attacks from the PGD-AT ANN and from the SNN of the clean ANN, with the finetuned SNN's white-box
     outcomes at that ε (`blackbox`, `whitebox_robust`); "transfer": the clean ANN and the SNN converted from it under
     the strong protocol (`transfer`). At ε_test the ensemble and black-box claims read the attack section's own
-    records, so only "transfer" is evaluated there. Per-image outcomes are kept for the paired tests."""
+    records, so only "transfer" is evaluated there (a point with nothing to evaluate is left out). Per-image outcomes
+    are kept for the paired tests."""
     from rsnn_paper.evaluation import blackbox, slim_record, strong, to_bits, whitebox_outcomes
     from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
     check_curve_claims(cfg)
@@ -397,7 +398,8 @@ def along_eps(cfg: Config, M: dict, x, y, store: ArtifactStore, best_source: str
         if "transfer" in cfg.curve_claims:
             pt["transfer"] = {k: slim_record(strong(*M[k], x, y, e, cfg, store, sources=srcs(k), progress=progress))
                               for k in ("snn_clean", "ann_clean")}
-        out[f"{e:.6f}"] = pt
+        if pt:
+            out[f"{e:.6f}"] = pt
     return out
 
 

@@ -544,6 +544,8 @@ def test_along_eps_evaluates_each_configured_claim_at_every_eps(monkeypatch):
     assert len(p1["warnings"]) == 1 and "square_snn" in p1["warnings"][0]  # stronger than the white-box attacks
     only = B.along_eps(cfg.replace(curve_claims=("ensemble",)), M, x, y, None, "pcw_1")
     assert all(set(v) <= {"single_source"} for v in only.values())
-    assert B.along_eps(get_config("ci"), M, x, y, None, "pcw_1") == {e: {} for e in ("0.007843", "0.031373")}
+    assert B.along_eps(get_config("ci"), M, x, y, None, "pcw_1") == {}  # ci: curve_claims=()
+    only = B.along_eps(cfg.replace(curve_claims=("blackbox",)), M, x, y, None, "pcw_1")
+    assert f"{cfg.eps_test:.6f}" not in only  # nothing to evaluate at ε_test: no point
     with pytest.raises(ValueError, match="unknown curve_claims"):
         B.along_eps(cfg.replace(curve_claims=("bogus",)), M, x, y, None, "pcw_1")
