@@ -188,7 +188,7 @@ def test_a_run_with_overrides_never_touches_the_preset_folders(tmp_path, monkeyp
     assert name.startswith("ci+") and "workers=1" in name
     out = capsys.readouterr().out
     assert f"results: {proj / 'results' / name}" in out and f"tables and figures: {proj / 'figures' / name}" in out
-    assert {p.name for p in (proj / "results" / name).iterdir()} == {"ann.json", "summary.json"}
+    assert {p.name for p in (proj / "results" / name).iterdir()} == {"ann.json", "summary.json", "timing.json"}
     assert {"ann_table.md", "ann_table.csv", "ann_learning_curves.png"} <= {p.name for p in (proj / "figures" / name).iterdir()}
     summary = json.loads((proj / "results" / name / "summary.json").read_text())
     assert summary["scale"] == "ci" and "ann.pgd_at.clean_acc" in summary
