@@ -168,6 +168,14 @@ def cmd_seeds(args) -> int:
         raise UserError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1,2; got {args.seeds!r}")
     if len(seeds) < 2:
         raise UserError(f"--seeds needs at least two seeds to measure a spread; got {args.seeds!r}")
+    chosen = [x.strip() for x in args.sections.split(",") if x.strip()] if args.sections else list(SEED_SECTIONS)
+    names = [n for n, _ in _sections()]
+    unknown = [x for x in chosen if x not in names or x == "paper"]
+    if unknown:
+        raise UserError(f"unknown section(s) {', '.join(map(repr, unknown))} in --sections; a seed runs sections of "
+                        f"{', '.join(n for n in names if n != 'paper')} (default: {','.join(SEED_SECTIONS)})")
+    sitting = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    host = host_info()
     runs = {}
     for s in seeds:
         cs = cfg.replace(seed=s)
@@ -182,9 +190,10 @@ def cmd_seeds(args) -> int:
         if args.run:
             print(f"== seed {s}: run {run_name(cs)} ==", flush=True)
             for name, run in _sections():
-                if name in SEED_SECTIONS:
+                if name in chosen:
                     t = time.time()
                     run(cs, ArtifactStore(), not args.quiet)
+                    record_section_time(cs, sitting, name, time.time() - t, host)  # the seed run's timing.json
                     print(f"== seed {s}: section {name} done in {time.time() - t:.0f}s", flush=True)
     out = seed_spread(_paper_target(cfg), runs)
     claims = write_claims(_paper_target(cfg))
@@ -324,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "committed run)")
     sd.add_argument("--run", action="store_true", help="run (or resume) the sections of every seed first (without it: "
                     "merge the seed runs that exist)")
+    sd.add_argument("--sections", default=None, help="with --run: the sections to run per seed, comma-separated "
+                    f"(default: {','.join(SEED_SECTIONS)}, what the claims read; at scale cpu a sitting may run "
+                    "the headline ones first, ann,conversion,finetune,attacks,baselines, and the rest later: a claim "
+                    "whose section a seed has not run is not firm)")
     sd.set_defaults(func=cmd_seeds)
     nb = sub.add_parser("notebooks", help="re-execute the section notebooks and save them with their outputs (after "
                         "the results change)")

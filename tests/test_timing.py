@@ -57,3 +57,24 @@ def test_reproduce_records_every_section_it_ran_and_renders_the_table_after_the_
     rec2 = read_json(results_dir("ci") / "timing.json")
     assert len(rec2["sittings"]) == 2
     assert rec2["sections_s"]["ann"] == pytest.approx(sum(s["sections"].get("ann", 0) for s in rec2["sittings"]))
+
+
+def test_seeds_run_the_chosen_sections_per_seed_and_record_their_time(root, monkeypatch):
+    import rsnn_paper.paper as paper
+    ran = []
+    fake = [(n, lambda cfg, store, progress, n=n: ran.append((cfg.seed, n)))
+            for n in ("ann", "conversion", "finetune", "attacks", "baselines", "curves", "budgets", "ablations", "ood",
+                      "paper")]
+    monkeypatch.setattr(cli, "_sections", lambda: fake)
+    monkeypatch.setattr(paper, "seed_spread", lambda target, runs: {"seeds": sorted(runs)})
+    monkeypatch.setattr(paper, "write_claims", lambda target: [])
+    (results_dir("ci")).mkdir(parents=True)
+    (results_dir("ci") / "summary.json").write_text("{}")
+    assert cli.main(["seeds", "--scale", "ci", "--seeds", "0,1", "--run", "--sections", "ann,baselines", "--quiet"]) == 0
+    assert ran == [(1, "ann"), (1, "baselines")]  # seed 0 is the run itself
+    rec = read_json(results_dir("ci+seed=1") / "timing.json")
+    assert set(rec["sections_s"]) == {"ann", "baselines"}
+    ran.clear()
+    assert cli.main(["seeds", "--scale", "ci", "--seeds", "0,1", "--run", "--quiet"]) == 0  # default: the claim sections
+    assert [n for _, n in ran] == list(cli.SEED_SECTIONS)
+    assert cli.main(["seeds", "--scale", "ci", "--seeds", "0,1", "--run", "--sections", "ann,bogus"]) == 2
