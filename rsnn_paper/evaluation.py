@@ -20,9 +20,9 @@ from .store import ArtifactStore, cached_json
 from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
-__all__ = ['Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol', 'whitebox_outcomes',
-           'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record', 'from_bits', 'strong_points',
-           'strong_curve', 'single_source_prior', 'distributed_ensemble']
+__all__ = ['STRONG_VERSION', 'Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol',
+           'whitebox_outcomes', 'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record', 'from_bits',
+           'strong_points', 'strong_curve', 'single_source_prior', 'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -91,21 +91,36 @@ def _merge(broken, broken_by, positions, result, label):
             broken_by[i] = [label, *(by if isinstance(by, list) else [None, -1, -1])]
 
 
-def _run_stage(model, x, y, st: Stage, eps, sources, seed, batch_size, state_path, sanity, progress):
+def _run_stage(model, x, y, st: Stage, eps, sources, seed, batch_size, state_path, sanity, progress, mode="cascade"):
     gen = torch.Generator().manual_seed(seed)
     if st.blackbox:
         return evaluate_attack(model, x, y, st.attack, eps, generator=gen, batch_size=batch_size, **st.kw)
     return run_ensemble(model, x, y, st.attack, eps, sources=sources, generator=gen, batch_size=batch_size,
-                        state_path=state_path, progress=progress, mode="cascade", sanity=sanity, **st.kw)
+                        state_path=state_path, progress=progress, mode=mode, sanity=sanity, **st.kw)
 
 
-def _rank_sources(broken_by, names) -> list[str]:
-    "Sources by the number of images they broke (ties in grid order)."
+def _solo_counts(results: Sequence[dict], names) -> dict:
+    """Per source, how many images it broke *on its own* in the full-mode ensembles among `results` (every source on
+    every image: a count that does not depend on the order of the sources)."""
+    count = {n: 0 for n in names}
+    for r in results:
+        if r.get("mode") == "full":
+            for n, hit in (r.get("fooled_by") or {}).items():
+                if n in count:
+                    count[n] += len(hit)
+    return count
+
+
+def _rank_sources(broken_by, names, solo: Optional[dict] = None) -> list[str]:
+    """Sources by the number of images each broke on its own in full-mode ensembles (`solo`, `_solo_counts`), then by
+    the number of images they broke first (`broken_by`; ties in grid order). The first-breaker count alone favours the
+    sources early in the grid — a cascade hands the first source every easy image — so it only breaks ties."""
     count = {n: 0 for n in names}
     for b in broken_by:
         if b is not None and b[1] in count:
             count[b[1]] += 1
-    return sorted(names, key=lambda n: (-count[n], names.index(n)))
+    solo = solo or {}
+    return sorted(names, key=lambda n: (-solo.get(n, 0), -count[n], names.index(n)))
 
 
 def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage], eps: float,
@@ -117,8 +132,10 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
     `prior` results, followed by the convergence round `check` (with the `check_sources` sources that broke the most
     images); `robust_acc` includes what the check broke, `converged` says whether that was at most `tol` of the
     images. `log(msg)` receives a line per stage. With `long_sources=k`, every stage after the first two runs with the
-    k sources that broke the most images so far (a cost knob of small scales; None: every source). Returns a
-    JSON-serialisable record (schema below)."""
+    k sources that broke the most images on their own so far (a cost knob of small scales; None: every source); the
+    sources are ranked by the full-mode ensembles among `prior` and the first stage, which runs every source on every
+    image (`_rank_sources`), and so is the convergence round's choice. Returns a JSON-serialisable record (schema
+    below)."""
     srcs = [resolve_source(s) for s in sources]
     names = [s.name for s in srcs]
     x, y = x.detach(), y.detach().long()
@@ -138,6 +155,7 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
     for r in prior:
         checks.update(r.get("checks") or {})
         warnings += r.get("warnings") or []
+    solo = _solo_counts(prior, names)  # what each source breaks alone: the ranking of the long attacks and the check
     rows.append({"stage": "prior (paper protocol)" if prior else "clean", "attacked": n,
                  "broken": sum(broken), "robust_acc": frac(robust())})
 
@@ -147,13 +165,18 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
             t = time.time()
             use = srcs_
             if kind == "stage" and k >= 2 and long_sources and not st.blackbox and len(srcs_) > long_sources:
-                top = _rank_sources(broken_by, [s.name for s in srcs_])[:int(long_sources)]
+                top = _rank_sources(broken_by, [s.name for s in srcs_], solo)[:int(long_sources)]
                 use = [s for s in srcs_ if s.name in top]
             if len(alive):
                 path = None if state_dir is None else Path(state_dir) / f"{kind}{k}.pt"
                 first = sanity and kind == "stage" and k == 0 and not prior
+                # the first stage runs every source on every image (full mode) so that the sources are ranked by
+                # what each breaks alone; the others in cascade
+                mode = "full" if kind == "stage" and k == 0 and len(use) > 1 else "cascade"
                 res = _run_stage(model, x[alive], y[alive], st, eps, use, derive_generator(seed, kind, k, st.label)
-                                 .initial_seed(), batch_size, path, first, progress)
+                                 .initial_seed(), batch_size, path, first, progress, mode)
+                for n_, c_ in _solo_counts([res], list(solo)).items():
+                    solo[n_] += c_
                 before = sum(broken)
                 _merge(broken, broken_by, alive, res, st.label)
                 if first:
@@ -171,7 +194,7 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
 
     run(stages, "stage", srcs)
     main_acc = frac(robust())
-    best = _rank_sources(broken_by, names)[:max(1, int(check_sources))]
+    best = _rank_sources(broken_by, names, solo)[:max(1, int(check_sources))]
     n_before = sum(broken)
     run(check, "check", [srcs[names.index(s)] for s in best])
     delta = (sum(broken) - n_before) / n if n else 0.0
@@ -180,7 +203,7 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
     res = {"protocol": name, "eps": float(eps), "n": n, "sources": names, "stages": [s.label for s in stages],
            "clean_acc": frac(correct.tolist()), "robust_acc": frac(robust()), "before_check_acc": main_acc,
            "whitebox_acc": frac(white), "per_stage": rows, "robust": robust(), "clean_correct": correct.tolist(),
-           "broken_by": broken_by, "converged": bool(converged),
+           "broken_by": broken_by, "converged": bool(converged), "solo_breaks": solo,
            "convergence": {"stages": [s.label for s in check], "sources": best, "newly_broken": sum(broken) - n_before,
                            "delta": float(delta), "tol": float(tol)},
            "checks": {**checks, "converged": bool(converged)}, "warnings": list(warnings),
@@ -242,6 +265,12 @@ def blackbox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store:
         generator=torch.Generator().manual_seed(cfg.seed), batch_size=cfg.eval_batch_size, progress=progress, **kw))
 
 
+#: The strong protocol's procedure version, part of every cached result's address: 2 ranks the sources of the long
+#: attacks and of the convergence round by what each breaks alone in full-mode ensembles (1: by first breaks in
+#: cascade, which favoured the sources early in the grid).
+STRONG_VERSION = 2
+
+
 def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,
            prior: Sequence[dict] = (), progress: bool = False, quiet: bool = False) -> dict:
     """The strong protocol (with its convergence round) at `eps` against artifact `key`, cached and resumable; `prior`
@@ -252,7 +281,7 @@ def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore,
     pri = [hashlib.sha256(json.dumps([r.get("attack"), r["robust"]]).encode()).hexdigest()[:16] for r in prior]
     tag = config_hash([key, "strong", float(eps), names, cfg.seed, cfg.eval_batch_size, _fingerprint(x, y),
                        [s.label for s in stages], [s.label for s in check], cfg.conv_sources, cfg.conv_tol,
-                       cfg.strong_sources, pri])
+                       cfg.strong_sources, pri, STRONG_VERSION])
     log = None if quiet else (lambda m: print(f"[{key[:20]}] {m.strip()}", flush=True))
     return cached_json(store, f"strong-{tag}", lambda: run_protocol(
         model, x, y, stages, eps, sources=sources, seed=cfg.seed, batch_size=cfg.eval_batch_size, prior=prior,

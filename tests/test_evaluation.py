@@ -171,3 +171,70 @@ def test_pgd_and_apgd_stop_attacking_broken_images_without_changing_any_outcome(
             assert torch.equal(still_f, still_c) and torch.equal(full[4], cut[4])  # who was broken, and when
             assert torch.allclose(full[3][~still_f], cut[3][~still_c], atol=1e-6)  # the first fooling iterates
             assert torch.allclose(full[0][still_f], cut[0][still_c], atol=1e-6)  # the best-loss points of survivors
+
+
+class _Labels(nn.Module):
+    "Predicts the label written in the image's first pixel (every image is clean-correct)."
+    num_classes = 10
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long(), 10).float()
+
+
+def test_the_long_attacks_and_the_check_use_the_sources_that_break_most_on_their_own(monkeypatch):
+    """The sources of the long attacks and of the convergence round are ranked by what each breaks alone in a
+    full-mode ensemble, not by first breaks in grid order (a cascade, or a full-mode record's `broken_by`, credits the
+    first source of the grid with every image several sources break — the cpu run's check used such a source and
+    passed while the strongest source alone broke 1.8% more)."""
+    import rsnn_paper.evaluation as E
+    n = 8
+    y = torch.arange(n) % 10
+    x = y.float().view(n, 1, 1, 1).expand(n, 3, 2, 2).clone()
+    calls = []
+
+    def fake_stage(model, xb, yb, st, eps, sources, seed, batch_size, path, sanity, progress, mode="cascade"):
+        names = [s.name for s in sources]
+        calls.append((st.label, names, mode))
+        m = len(yb)
+        hit = {nm: [] for nm in names}
+        if st.label.startswith("pgd(steps=") and mode == "full":  # the first stage: rect_1 alone breaks the most
+            hit.update({"pcw_1": [0], "rect_1": [0, 1, 2]} if "rect_1" in hit else {})
+        broken = set(i for v in hit.values() for i in v)
+        return {"attack": st.attack, "mode": mode, "robust": [i not in broken for i in range(m)],
+                "clean_correct": [True] * m, "fooled_by": hit,
+                "broken_by": [None if i not in broken else [next(nm for nm in names if i in hit[nm]), 1, 0]
+                              for i in range(m)]}
+    monkeypatch.setattr(E, "_run_stage", fake_stage)
+    cfg = get_config("ci", **SMALL)
+    srcs = ("pcw_1", "exp_1", "rect_1")
+    # no prior: the first stage runs in full mode and ranks the sources
+    res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs, check=convergence_stages(cfg),
+                       check_sources=1, sanity=False, long_sources=1)
+    assert calls[0][2] == "full" and calls[0][1] == list(srcs)
+    assert res["solo_breaks"] == {"pcw_1": 1, "exp_1": 0, "rect_1": 3}
+    long = [c for c in calls[2:] if not c[0].startswith("square")]
+    assert len(long) == 5 and all(c[1] == ["rect_1"] and c[2] == "cascade" for c in long)  # long attacks and check: rect_1
+    assert res["convergence"]["sources"] == ["rect_1"]
+    # with a full-mode prior: pcw_1 is credited first in grid order with images both break, rect_1 breaks more alone
+    calls.clear()
+    prior = {"attack": "pgd", "mode": "full", "robust": [False] * 4 + [True] * 4, "clean_correct": [True] * n,
+             "fooled_by": {"pcw_1": [0, 1], "exp_1": [], "rect_1": [0, 1, 2, 3]},
+             "broken_by": [["pcw_1", 1, 0]] * 2 + [["rect_1", 1, 0]] * 2 + [None] * 4}
+    res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs, prior=[prior],
+                       check=convergence_stages(cfg), check_sources=1, sanity=False, long_sources=1)
+    assert res["convergence"]["sources"] == ["rect_1"]
+    assert all(c[1] == ["rect_1"] for c in calls[2:] if not c[0].startswith("square"))
+    # the first-breaker count alone (the old ranking) would have tied 2–2 and picked pcw_1, first in the grid
+    assert E._rank_sources(prior["broken_by"], list(srcs))[0] == "pcw_1"
+    assert E._rank_sources(prior["broken_by"], list(srcs), E._solo_counts([prior], srcs))[0] == "rect_1"
+
+
+def test_a_strong_result_of_an_older_procedure_is_never_served(tmp_path, monkeypatch):
+    import rsnn_paper.evaluation as E
+    net, x, y = _tiny(T=0)
+    store = ArtifactStore(tmp_path)
+    cfg = get_config("ci", **SMALL)
+    strong(net, "model-key", x[:6], y[:6], 8 / 255, cfg, store, sources=("pcw_1",), quiet=True)
+    monkeypatch.setattr(E, "STRONG_VERSION", E.STRONG_VERSION + 1)
+    strong(net, "model-key", x[:6], y[:6], 8 / 255, cfg, store, sources=("pcw_1",), quiet=True)
+    assert len(list(tmp_path.glob("strong-*.json"))) == 2
