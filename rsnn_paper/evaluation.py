@@ -100,19 +100,26 @@ def _run_stage(model, x, y, st: Stage, eps, sources, seed, batch_size, state_pat
 
 
 def _solo_counts(results: Sequence[dict], names) -> dict:
-    """Per source, how many images it broke *on its own* in the full-mode ensembles among `results` (every source on
-    every image: a count that does not depend on the order of the sources)."""
-    count = {n: 0 for n in names}
+    """Per source, the images it broke *on its own* in the full-mode ensembles among `results` (every source on every
+    image: a score that does not depend on the order of the sources), each weighted by its rarity — an image that k
+    sources of the record break counts 1/k for each of them. The images every source breaks add the same to every
+    score; what ranks the sources is the hard images, the ones the long attacks will face."""
+    score = {n: 0.0 for n in names}
     for r in results:
-        if r.get("mode") == "full":
-            for n, hit in (r.get("fooled_by") or {}).items():
-                if n in count:
-                    count[n] += len(hit)
-    return count
+        if r.get("mode") != "full":
+            continue
+        hits = {n: hit for n, hit in (r.get("fooled_by") or {}).items() if n in score}
+        k: dict = {}
+        for hit in hits.values():
+            for i in hit:
+                k[i] = k.get(i, 0) + 1
+        for n, hit in hits.items():
+            score[n] += sum(1.0 / k[i] for i in hit)
+    return score
 
 
 def _rank_sources(broken_by, names, solo: Optional[dict] = None) -> list[str]:
-    """Sources by the number of images each broke on its own in full-mode ensembles (`solo`, `_solo_counts`), then by
+    """Sources by their rarity-weighted breaks on their own in full-mode ensembles (`solo`, `_solo_counts`), then by
     the number of images they broke first (`broken_by`; ties in grid order). The first-breaker count alone favours the
     sources early in the grid — a cascade hands the first source every easy image — so it only breaks ties."""
     count = {n: 0 for n in names}
@@ -120,7 +127,7 @@ def _rank_sources(broken_by, names, solo: Optional[dict] = None) -> list[str]:
         if b is not None and b[1] in count:
             count[b[1]] += 1
     solo = solo or {}
-    return sorted(names, key=lambda n: (-solo.get(n, 0), -count[n], names.index(n)))
+    return sorted(names, key=lambda n: (-round(solo.get(n, 0.0), 9), -count[n], names.index(n)))
 
 
 def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage], eps: float,
@@ -265,10 +272,11 @@ def blackbox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store:
         generator=torch.Generator().manual_seed(cfg.seed), batch_size=cfg.eval_batch_size, progress=progress, **kw))
 
 
-#: The strong protocol's procedure version, part of every cached result's address: 2 ranks the sources of the long
-#: attacks and of the convergence round by what each breaks alone in full-mode ensembles (1: by first breaks in
-#: cascade, which favoured the sources early in the grid).
-STRONG_VERSION = 2
+#: The strong protocol's procedure version, part of every cached result's address: 3 ranks the sources of the long
+#: attacks and of the convergence round by their rarity-weighted breaks on their own in full-mode ensembles (1: by
+#: first breaks in cascade, which favoured the sources early in the grid; 2: by unweighted breaks on their own, which
+#: the easy images every source breaks drown out).
+STRONG_VERSION = 3
 
 
 def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,

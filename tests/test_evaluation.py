@@ -211,7 +211,7 @@ def test_the_long_attacks_and_the_check_use_the_sources_that_break_most_on_their
     res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs, check=convergence_stages(cfg),
                        check_sources=1, sanity=False, long_sources=1)
     assert calls[0][2] == "full" and calls[0][1] == list(srcs)
-    assert res["solo_breaks"] == {"pcw_1": 1, "exp_1": 0, "rect_1": 3}
+    assert res["solo_breaks"] == {"pcw_1": 0.5, "exp_1": 0.0, "rect_1": 2.5}  # image 0: broken by two, ½ each
     long = [c for c in calls[2:] if not c[0].startswith("square")]
     assert len(long) == 5 and all(c[1] == ["rect_1"] and c[2] == "cascade" for c in long)  # long attacks and check: rect_1
     assert res["convergence"]["sources"] == ["rect_1"]
@@ -238,3 +238,16 @@ def test_a_strong_result_of_an_older_procedure_is_never_served(tmp_path, monkeyp
     monkeypatch.setattr(E, "STRONG_VERSION", E.STRONG_VERSION + 1)
     strong(net, "model-key", x[:6], y[:6], 8 / 255, cfg, store, sources=("pcw_1",), quiet=True)
     assert len(list(tmp_path.glob("strong-*.json"))) == 2
+
+
+def test_the_source_ranking_weighs_each_break_by_its_rarity():
+    """The easy images every source breaks must not decide which source runs the long attacks: an image that k sources
+    break counts 1/k (on the cpu run the unweighted count put exp_2 first — FGSM's favourite — while pcw_0.5 led the
+    iterative attacks on the images few sources break)."""
+    import rsnn_paper.evaluation as E
+    easy = list(range(12))
+    rec = {"mode": "full", "fooled_by": {"a": easy, "b": easy[:9] + [20, 21], "c": easy}}
+    sc = E._solo_counts([rec], ["a", "b", "c"])
+    assert sc["a"] == pytest.approx(9 / 3 + 3 / 2) and sc["b"] == pytest.approx(9 / 3 + 2)
+    assert E._rank_sources([None] * 22, ["a", "b", "c"], sc)[0] == "b"  # unweighted: a (12) before b (11)
+    assert E._solo_counts([{**rec, "mode": "cascade"}], ["a", "b"]) == {"a": 0.0, "b": 0.0}  # cascade counts depend on order
