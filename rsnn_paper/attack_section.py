@@ -10,7 +10,7 @@ import torch
 
 from .attacks import ensemble_table, eval_mode, table_markdown
 from .config import Config
-from .evaluation import (blackbox, slim_record, to_bits, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
+from .evaluation import (blackbox, slim_blackbox, slim_record, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
                                    strong_stages, whitebox)
 from .store import ArtifactStore, figures_dir, results_dir, update_summary, write_json
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES, gradient_source
@@ -100,8 +100,7 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
            "whitebox": wb, "ann_whitebox": ann_wb, "strong": st, "ann_strong": ann_st,
            "strong_single_source": {**slim_record(st_single), "source": best},
            "sanity_checks": wb["pgd"].get("checks", {}),
-           "blackbox": {k: {**{kk: v[kk] for kk in ("attack", "eps", "n", "clean_acc", "robust_acc")},
-                            "robust": to_bits(v["robust"])} for k, v in bb.items()},
+           "blackbox": {k: slim_blackbox(v) for k, v in bb.items()},
            "converged": bool(st["converged"] and ann_st["converged"]), "warnings": warnings, "reliable": not warnings}
     write_json(results_dir(cfg) / "attacks.json", out)
     render_attacks(out)

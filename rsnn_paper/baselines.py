@@ -370,13 +370,11 @@ def along_eps(cfg: Config, M: dict, x, y, store: ArtifactStore, best_source: str
     the strong protocol (`transfer`). At ε_test the ensemble and black-box claims read the attack section's own
     records, so only "transfer" is evaluated there (a point with nothing to evaluate is left out). Per-image outcomes
     are kept for the paired tests."""
-    from rsnn_paper.evaluation import blackbox, slim_record, strong, to_bits, whitebox_outcomes
+    from rsnn_paper.evaluation import blackbox, slim_blackbox, slim_record, strong, to_bits, whitebox_outcomes
     from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
     check_curve_claims(cfg)
     snn, ann, other = M["snn_pgd_at"], M["ann_pgd_at"], M["snn_clean"]
     srcs = lambda name: GRADIENT_SOURCES if name.startswith("snn") else (DEFAULT_SOURCE,)
-    slim_bb = lambda r: {**{k: r[k] for k in ("attack", "eps", "n", "clean_acc", "robust_acc")},
-                         "robust": to_bits(r["robust"])}
     out = {}
     for e in (float(v) for v in cfg.eps_curve if float(v) > 0):
         at_test, pt = abs(e - cfg.eps_test) < 1e-12, {}
@@ -391,7 +389,7 @@ def along_eps(cfg: Config, M: dict, x, y, store: ArtifactStore, best_source: str
                   "transfer_from_other_snn": blackbox(*snn, x, y, "pgd", e, cfg, store, source=other, progress=progress)}
             pt["whitebox_robust"] = to_bits(white)
             pt["whitebox_acc"] = float(sum(white)) / len(white)
-            pt["blackbox"] = {k: slim_bb(v) for k, v in bb.items()}
+            pt["blackbox"] = {k: slim_blackbox(v) for k, v in bb.items()}
             pt["warnings"] = [f"{k} ({v['robust_acc']:.3f}) is stronger than the white-box attacks "
                               f"({pt['whitebox_acc']:.3f}) at ε={e * 255:g}/255: the white-box evaluation is unreliable"
                               for k, v in bb.items() if v["robust_acc"] < pt["whitebox_acc"]]

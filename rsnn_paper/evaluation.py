@@ -21,8 +21,8 @@ from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
 __all__ = ['STRONG_VERSION', 'Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol',
-           'whitebox_outcomes', 'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record', 'from_bits',
-           'strong_points', 'strong_curve', 'single_source_prior', 'distributed_ensemble']
+           'whitebox_outcomes', 'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record',
+           'slim_blackbox', 'from_bits', 'strong_points', 'strong_curve', 'single_source_prior', 'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -306,6 +306,11 @@ def slim_record(r: dict) -> dict:
     "A protocol record without its per-image lists, its per-image outcomes kept as a `to_bits` string (for results files)."
     return {**{k: v for k, v in r.items() if k not in ("robust", "clean_correct", "broken_by")},
             "robust": to_bits(r["robust"])}
+
+
+def slim_blackbox(r: dict) -> dict:
+    "A black-box attack's record for results files: its attack, ε, n and accuracies, per-image outcomes as `to_bits`."
+    return {**{k: r[k] for k in ("attack", "eps", "n", "clean_acc", "robust_acc")}, "robust": to_bits(r["robust"])}
 
 
 def from_bits(bits) -> list[bool]:
