@@ -10,7 +10,7 @@ import torch
 
 from .attacks import ensemble_table, eval_mode, table_markdown
 from .config import Config
-from .evaluation import (blackbox, slim_blackbox, slim_record, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
+from .evaluation import (blackbox, slim_blackbox, slim_record, convergence_rounds, convergence_stages, eval_images, paper_stages, single_source_prior, strong,
                                    strong_stages, whitebox)
 from .store import ArtifactStore, figures_dir, results_dir, update_summary, write_json
 from .surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES, gradient_source
@@ -96,7 +96,8 @@ def run_attack_section(cfg: Config, store=None, progress: bool = True) -> dict:
            "ann_key": ann[1], "protocol": "strong",
            "protocols": {"paper": [s.label for s in paper_stages(cfg)],
                          "strong": [s.label for s in strong_stages(cfg, snn[0].num_classes)],
-                         "convergence": [s.label for s in convergence_stages(cfg)]},
+                         "convergence": [s.label for s in convergence_stages(cfg)],
+                         "convergence_rounds": [[s.label for s in r] for r in convergence_rounds(cfg)]},
            "whitebox": wb, "ann_whitebox": ann_wb, "strong": st, "ann_strong": ann_st,
            "strong_single_source": {**slim_record(st_single), "source": best},
            "sanity_checks": wb["pgd"].get("checks", {}),
@@ -154,8 +155,10 @@ def render_attacks(out: dict) -> None:
                          "images broken": s["broken"], "robust accuracy after it": format_acc(s["robust_acc"], n),
                          "time (s)": round(s.get("elapsed_s", 0.0), 1)})
         c = rec["convergence"]
+        rounds = c.get("rounds") or [c]
+        said = "; ".join(f"round {k + 1}: {r['newly_broken']} with {', '.join(r['sources'])}" for k, r in enumerate(rounds))
         rows.append({"model": model, "stage": f"= strong protocol ({'converged' if rec['converged'] else 'NOT converged'}"
-                     f": the check round broke {c['newly_broken']} more, sources {', '.join(c['sources'])})",
+                     f": the convergence check broke {c['newly_broken']} more — {said})",
                      "images attacked": "", "images broken": "", "robust accuracy after it":
                      format_acc(rec["robust_acc"], n), "time (s)": round(rec.get("elapsed_s", 0.0), 1)})
     write_table(pd.DataFrame(rows), fdir / "attack_strong_table",

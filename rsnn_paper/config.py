@@ -99,6 +99,7 @@ class Config:
     e2e_full_attacks: tuple = ("fgsm", "pgd", "apgd-ce")
     conv_sources: int = 3             # the convergence round attacks with the sources that broke most images
     conv_tol: float = 0.01            # ... and may lower robust accuracy by at most this much (else: flagged)
+    conv_rounds: int = 3              # ... else it repeats with twice the iterations and one more source, up to this
     n_val_eval: Optional[int] = None  # validation images used per epoch (None = the whole split)
     # end-to-end SNN baselines trained from scratch by BPTT (section 5, nbs/14_baselines.ipynb): plain PGD-AT and SNN-RAT
     e2e_epochs: int = 200
@@ -159,7 +160,7 @@ SCALES: dict[str, dict[str, Any]] = {
                sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,
                n_val_eval=200, n_eval=100, apgd_steps=3, square_queries=200, eps_curve=(0.0, 2 / 255, 8 / 255),
-               strong_steps=20, strong_restarts=1, strong_targets=3, strong_sources=3, conv_sources=2,
+               strong_steps=20, strong_restarts=1, strong_targets=3, strong_sources=3, conv_sources=2, conv_rounds=2,
                e2e_epochs=4, e2e_n_train=2000, e2e_batch_size=32, e2e_attack_steps=2, ablation_alphas=(0.5 / 255,),
                ablation_T=(8,), n_ablation=100, n_ood=100, snapshot_every=0, n_budget=20, curve_claims=()),
 }

@@ -20,9 +20,10 @@ from .store import ArtifactStore, cached_json
 from .surrogates import GRADIENT_SOURCES, resolve_source
 
 # %% auto #0
-__all__ = ['STRONG_VERSION', 'Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'run_protocol',
-           'whitebox_outcomes', 'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits', 'slim_record',
-           'slim_blackbox', 'from_bits', 'strong_points', 'strong_curve', 'single_source_prior', 'distributed_ensemble']
+__all__ = ['STRONG_VERSION', 'Stage', 'stage', 'paper_stages', 'strong_stages', 'convergence_stages', 'convergence_rounds',
+           'run_protocol', 'whitebox_outcomes', 'eval_images', 'whitebox', 'blackbox', 'strong', 'to_bits',
+           'slim_record', 'slim_blackbox', 'from_bits', 'strong_points', 'strong_curve', 'single_source_prior',
+           'distributed_ensemble']
 
 # %% ../nbs/05b_evaluation.ipynb #4ed97f70
 @dataclass(frozen=True)
@@ -71,10 +72,18 @@ def strong_stages(cfg: Config, num_classes: int = 10) -> tuple[Stage, ...]:
             stage("square", n_queries=cfg.square_queries))
 
 
-def convergence_stages(cfg: Config) -> tuple[Stage, ...]:
-    "The convergence round: APGD-CE and cosine PGD with twice the iterations and twice the restarts."
-    return (stage("apgd-ce", steps=2 * cfg.strong_steps, n_restarts=2),
-            stage("pgd", steps=2 * cfg.strong_steps, n_restarts=2 * cfg.strong_restarts, schedule="cosine"))
+def convergence_stages(cfg: Config, round_: int = 1) -> tuple[Stage, ...]:
+    """Convergence round `round_` (1, 2, …): APGD-CE and cosine PGD with 2^round_ times the iterations of the strong
+    protocol's long attacks and twice their restarts — each round doubles the effort of the one before."""
+    m = 2 ** int(round_)
+    return (stage("apgd-ce", steps=m * cfg.strong_steps, n_restarts=2),
+            stage("pgd", steps=m * cfg.strong_steps, n_restarts=2 * cfg.strong_restarts, schedule="cosine"))
+
+
+def convergence_rounds(cfg: Config) -> tuple[tuple[Stage, ...], ...]:
+    """The `cfg.conv_rounds` convergence rounds, each with twice the iterations of the one before (and, in
+    `run_protocol`, one more source): round k+1 runs only while round k broke more than `cfg.conv_tol` of the images."""
+    return tuple(convergence_stages(cfg, r) for r in range(1, max(1, int(cfg.conv_rounds)) + 1))
 
 # %% ../nbs/05b_evaluation.ipynb #ba57a0a8
 def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
@@ -132,13 +141,16 @@ def _rank_sources(broken_by, names, solo: Optional[dict] = None) -> list[str]:
 
 def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage], eps: float,
                  sources: Sequence = GRADIENT_SOURCES, seed: int = 0, batch_size: int = 64,
-                 prior: Sequence[dict] = (), check: Sequence[Stage] = (), check_sources: int = 3,
+                 prior: Sequence[dict] = (), check: Sequence = (), check_sources: int = 3,
                  tol: float = 0.01, state_dir: Optional[Path] = None, sanity: bool = True, progress: bool = False,
                  log=None, name: str = "strong", long_sources: Optional[int] = None) -> dict:
     """The per-image worst case of `model` on images `x` (in [0,1]) with labels `y` over `stages` (in cascade) and the
-    `prior` results, followed by the convergence round `check` (with the `check_sources` sources that broke the most
-    images); `robust_acc` includes what the check broke, `converged` says whether that was at most `tol` of the
-    images. `log(msg)` receives a line per stage. With `long_sources=k`, every stage after the first two runs with the
+    `prior` results, followed by the convergence check: `check` is one round (a sequence of stages) or several
+    (a sequence of rounds, e.g. `convergence_rounds(cfg)`), round k attacking with the `check_sources + k - 1` sources
+    that broke the most images; the next round runs only while the last one broke more than `tol` of the images.
+    `robust_acc` includes what every round broke; `converged` says whether the last round that ran broke at most `tol`
+    of the images (a protocol whose every round still finds new breaks is flagged: its number is an upper bound that
+    more effort would lower). `log(msg)` receives a line per stage. With `long_sources=k`, every stage after the first two runs with the
     k sources that broke the most images on their own so far (a cost knob of small scales; None: every source); the
     sources are ranked by the full-mode ensembles among `prior` and the first stage, which runs every source on every
     image (`_rank_sources`), and so is the convergence round's choice. Returns a JSON-serialisable record (schema
@@ -201,23 +213,33 @@ def run_protocol(model, x: torch.Tensor, y: torch.Tensor, stages: Sequence[Stage
 
     run(stages, "stage", srcs)
     main_acc = frac(robust())
-    best = _rank_sources(broken_by, names, solo)[:max(1, int(check_sources))]
-    n_before = sum(broken)
-    run(check, "check", [srcs[names.index(s)] for s in best])
-    delta = (sum(broken) - n_before) / n if n else 0.0
-    converged = delta <= tol + 1e-12
+    rounds_ = [tuple(check)] if check and isinstance(check[0], Stage) else [tuple(r) for r in check]
+    n_before, done, converged, delta = sum(broken), [], True, 0.0
+    for r, round_stages in enumerate(rounds_):
+        best = _rank_sources(broken_by, names, solo)[:max(1, int(check_sources) + r)]
+        before = sum(broken)
+        run(round_stages, "check" if r == 0 else f"check{r + 1}", [srcs[names.index(s)] for s in best])
+        delta = (sum(broken) - before) / n if n else 0.0
+        done.append({"stages": [s.label for s in round_stages], "sources": best, "newly_broken": sum(broken) - before,
+                     "delta": float(delta)})
+        converged = delta <= tol + 1e-12
+        if converged:
+            break
     white = whitebox_outcomes(correct.tolist(), broken_by)
     res = {"protocol": name, "eps": float(eps), "n": n, "sources": names, "stages": [s.label for s in stages],
            "clean_acc": frac(correct.tolist()), "robust_acc": frac(robust()), "before_check_acc": main_acc,
            "whitebox_acc": frac(white), "per_stage": rows, "robust": robust(), "clean_correct": correct.tolist(),
            "broken_by": broken_by, "converged": bool(converged), "solo_breaks": solo,
-           "convergence": {"stages": [s.label for s in check], "sources": best, "newly_broken": sum(broken) - n_before,
-                           "delta": float(delta), "tol": float(tol)},
+           # the first round's stages and sources, what all rounds broke, the last round's share (what decides)
+           "convergence": {"stages": done[0]["stages"] if done else [], "sources": done[0]["sources"] if done else [],
+                           "newly_broken": sum(broken) - n_before, "delta": float(delta), "tol": float(tol),
+                           "rounds": done},
            "checks": {**checks, "converged": bool(converged)}, "warnings": list(warnings),
            "reliable": not warnings, "elapsed_s": time.time() - t0}
-    if check and not converged:
-        flag(res, f"not converged: the convergence round broke {sum(broken) - n_before} more images "
-                  f"({delta:.3f} > {tol}) with sources {best}")
+    if done and not converged:
+        flag(res, f"not converged: the last of {len(done)} convergence round(s) broke {done[-1]['newly_broken']} more "
+                  f"images ({delta:.3f} > {tol}) with sources {done[-1]['sources']} "
+                  f"({sum(broken) - n_before} in all rounds)")
     return res
 
 
@@ -275,8 +297,9 @@ def blackbox(model, key: str, x, y, attack: str, eps: float, cfg: Config, store:
 #: The strong protocol's procedure version, part of every cached result's address: 3 ranks the sources of the long
 #: attacks and of the convergence round by their rarity-weighted breaks on their own in full-mode ensembles (1: by
 #: first breaks in cascade, which favoured the sources early in the grid; 2: by unweighted breaks on their own, which
-#: the easy images every source breaks drown out).
-STRONG_VERSION = 3
+#: the easy images every source breaks drown out); 4 escalates the convergence check (`convergence_rounds`: up to
+#: `conv_rounds` rounds, each with twice the iterations and one more source, while the last broke more than `conv_tol`).
+STRONG_VERSION = 4
 
 
 def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore, sources=GRADIENT_SOURCES,
@@ -284,11 +307,11 @@ def strong(model, key: str, x, y, eps: float, cfg: Config, store: ArtifactStore,
     """The strong protocol (with its convergence round) at `eps` against artifact `key`, cached and resumable; `prior`
     are paper-protocol results on the same images. Prints one line per stage unless `quiet`."""
     K = int(getattr(model, "num_classes", 10))
-    stages, check = strong_stages(cfg, K), convergence_stages(cfg)
+    stages, check = strong_stages(cfg, K), convergence_rounds(cfg)
     names = [resolve_source(s).name for s in sources]
     pri = [hashlib.sha256(json.dumps([r.get("attack"), r["robust"]]).encode()).hexdigest()[:16] for r in prior]
     tag = config_hash([key, "strong", float(eps), names, cfg.seed, cfg.eval_batch_size, _fingerprint(x, y),
-                       [s.label for s in stages], [s.label for s in check], cfg.conv_sources, cfg.conv_tol,
+                       [s.label for s in stages], [[s.label for s in r] for r in check], cfg.conv_sources, cfg.conv_tol,
                        cfg.strong_sources, pri, STRONG_VERSION])
     log = None if quiet else (lambda m: print(f"[{key[:20]}] {m.strip()}", flush=True))
     return cached_json(store, f"strong-{tag}", lambda: run_protocol(

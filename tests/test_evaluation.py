@@ -251,3 +251,58 @@ def test_the_source_ranking_weighs_each_break_by_its_rarity():
     assert sc["a"] == pytest.approx(9 / 3 + 3 / 2) and sc["b"] == pytest.approx(9 / 3 + 2)
     assert E._rank_sources([None] * 22, ["a", "b", "c"], sc)[0] == "b"  # unweighted: a (12) before b (11)
     assert E._solo_counts([{**rec, "mode": "cascade"}], ["a", "b"]) == {"a": 0.0, "b": 0.0}  # cascade counts depend on order
+
+
+def test_the_convergence_check_escalates_while_it_still_breaks_images(monkeypatch):
+    """A convergence round that still breaks more than `tol` of the images is followed by one with twice the iterations
+    and one more source (up to `conv_rounds`); the protocol is converged once a round breaks at most `tol`, and every
+    round's breaks count (on the cpu run one round of 2× effort broke 1.1% more and the number stood unconverged)."""
+    import rsnn_paper.evaluation as E
+    n = 40
+    y = torch.arange(n) % 10
+    x = y.float().view(n, 1, 1, 1).expand(n, 3, 2, 2).clone()
+    calls = []
+
+    def fake_stage(breaks_per_check):
+        def run(model, xb, yb, st, eps, sources, seed, batch_size, path, sanity, progress, mode="cascade"):
+            names = [s.name for s in sources]
+            kind = path.name if path is not None else ""
+            calls.append((st.label, names, st.kw))
+            m = len(yb)
+            # the protocol's first stage breaks 10 images, each convergence round `breaks_per_check` more
+            k = 10 if mode == "full" else 0
+            if st.label.startswith("apgd-ce(n_restarts=2"):
+                k = min(m, breaks_per_check.pop(0))
+            hit = {nm: (list(range(k)) if nm == names[0] else []) for nm in names}
+            return {"attack": st.attack, "mode": mode, "robust": [i >= k for i in range(m)],
+                    "clean_correct": [True] * m, "fooled_by": hit,
+                    "broken_by": [[names[0], 1, 0] if i < k else None for i in range(m)], "kind": kind}
+        return run
+
+    cfg = get_config("ci", **SMALL).replace(conv_rounds=3, conv_sources=1)
+    srcs = ("pcw_1", "exp_1", "rect_1")
+    monkeypatch.setattr(E, "_run_stage", fake_stage([3, 0]))  # round 1 breaks 3 (7.5%), round 2 none: converged
+    res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs, check=E.convergence_rounds(cfg),
+                       check_sources=1, tol=0.01, sanity=False)
+    rounds = res["convergence"]["rounds"]
+    assert [r["newly_broken"] for r in rounds] == [3, 0] and res["converged"] is True
+    assert [len(r["sources"]) for r in rounds] == [1, 2]  # one more source each round
+    checks = [c for c in calls if c[0].startswith(("apgd-ce(n_restarts=2", "pgd(n_restarts=2"))]
+    steps = [dict(c[2])["steps"] for c in checks]
+    assert steps == [2 * cfg.strong_steps] * 2 + [4 * cfg.strong_steps] * 2  # twice the iterations each round
+    assert res["robust_acc"] == pytest.approx((n - 10 - 3) / n)  # round 1's breaks count
+    assert res["convergence"]["newly_broken"] == 3 and res["convergence"]["delta"] == 0.0
+    calls.clear()
+    monkeypatch.setattr(E, "_run_stage", fake_stage([3, 2, 2]))  # every round breaks more than 1%: not converged
+    with pytest.warns(A.UnreliableEvaluationWarning, match="last of 3 convergence round"):
+        res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs,
+                           check=E.convergence_rounds(cfg), check_sources=1, tol=0.01, sanity=False)
+    assert res["converged"] is False and len(res["convergence"]["rounds"]) == 3
+    assert res["convergence"]["newly_broken"] == 7 and res["robust_acc"] == pytest.approx((n - 17) / n)
+    assert [len(r["sources"]) for r in res["convergence"]["rounds"]] == [1, 2, 3]
+    # one round given as a plain sequence of stages stays one round
+    monkeypatch.setattr(E, "_run_stage", fake_stage([3]))
+    with pytest.warns(A.UnreliableEvaluationWarning):
+        res = run_protocol(_Labels(), x, y, strong_stages(cfg), 8 / 255, sources=srcs,
+                           check=E.convergence_stages(cfg), check_sources=1, sanity=False)
+    assert len(res["convergence"]["rounds"]) == 1 and res["converged"] is False

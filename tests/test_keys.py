@@ -25,7 +25,7 @@ EXPECTED: dict[frozenset, tuple[str, ...]] = {
     frozenset(): ("scale", "device", "workers", "out_dir", "snapshot_every",  # how and where a run is made, what it keeps
                   "test_dataset", "n_test", "sweep_T_max", "n_sweep", "eps_test", "eval_pgd_steps", "eval_batch_size",
                   "n_eval", "apgd_steps", "square_queries", "eps_curve", "strong_steps", "strong_restarts",
-                  "strong_targets", "strong_sources", "conv_sources", "conv_tol", "ablation_alphas", "ablation_T",
+                  "strong_targets", "strong_sources", "conv_sources", "conv_tol", "conv_rounds", "ablation_alphas", "ablation_T",
                   "ablation_ann_objectives", "n_ablation", "ood_severities", "n_ood", "headline_seeds", "n_budget",
                   "e2e_full_attacks", "curve_claims"),  # evaluation
     ALL: ("seed", "dataset", "n_train", "n_val", "arch", "width", "channels_last", "eps_train", "val_attack_steps",

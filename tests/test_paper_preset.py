@@ -202,8 +202,10 @@ PAPER = dict(
     eps_test=8 / 255, eval_pgd_steps=20, eval_batch_size=64, val_attack_steps=10, n_eval=None, apgd_steps=10,
     square_queries=5000, eps_curve=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), n_val_eval=None,
     # the strong protocol of the evaluation module (ours): AutoAttack's 100 iterations and 9 APGD-T targets,
-    # a cosine-step PGD with 3 restarts, a convergence round with the 3 strongest sources and a 1 % tolerance
+    # a cosine-step PGD with 3 restarts, convergence rounds (3 strongest sources, one more per round, 2×, 4×, 8× the
+    # iterations) until one lowers robust accuracy by at most 1 %
     strong_steps=100, strong_restarts=3, strong_targets=9, strong_sources=None, conv_sources=3, conv_tol=0.01,
+    conv_rounds=3,
     # end-to-end baselines: SNN-RAT's recipe (SGD lr 0.1, 200 epochs, batch 64, wd 0, Parseval β = 0.004) and
     # PGD-AT by BPTT with 10 steps
     e2e_epochs=200, e2e_batch_size=64, e2e_lr=0.1, e2e_weight_decay=0.0, e2e_attack_steps=10, e2e_n_train=None,
