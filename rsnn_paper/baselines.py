@@ -156,9 +156,20 @@ def _cost(model: SpikingNet, x: torch.Tensor, cfg: Config) -> dict:
     return cost_report(model.to(device), x[: cfg.eval_batch_size].to(device), T=cfg.T)
 
 
-def _e2e_job(cfg: Config, kind: str, root: str) -> str:
-    "Train one baseline into the store at `root` (a `run_parallel` job); returns its key."
-    return build_e2e(cfg, kind, ArtifactStore(root), progress=False)[1]["key"]
+def _e2e_job(cfg: Config, kind: str, root: str, evaluate: bool = False) -> str:
+    """Train one baseline into the store at `root` (a `run_parallel` job); returns its key. With `evaluate`, then its
+    main-table evaluation (`evaluate_snn`, cached in the store: the section reads it back), in the same process."""
+    from rsnn_paper.evaluation import eval_images
+    from rsnn_paper.pipeline import build_chain
+    from rsnn_paper.training import load_splits
+    store = ArtifactStore(root)
+    model, meta = build_e2e(cfg, kind, store, progress=False)
+    if evaluate:
+        splits = load_splits(cfg)
+        x, y = eval_images(cfg, splits[2])
+        ann, ameta = build_chain(cfg, "pgd_at", store, splits, upto="ann")["ann"]
+        evaluate_snn(model, meta["key"], x, y, cfg, store, (ann, ameta["key"]))
+    return meta["key"]
 
 
 def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dict:
@@ -173,8 +184,9 @@ def run_baselines_section(cfg: Config, store=None, progress: bool = True) -> dic
     M = section_models(cfg, store, progress, splits)
     x, y = eval_images(cfg, splits[2])
     todo = [k for k in BASELINES if not store.exists(stage_key(cfg, "e2e", baseline=k))]
-    if cfg.workers > 1 and len(todo) > 1:  # the two trainings are independent: one process each
-        run_parallel([(_e2e_job, (cfg, k, str(store.root))) for k in todo], cfg.workers)
+    if cfg.workers > 1 and len(todo) > 1:  # the two trainings are independent: one process each, and each process
+        # goes on to evaluate its model (the shorter training frees its core for that while the other still trains)
+        run_parallel([(_e2e_job, (cfg, k, str(store.root), True)) for k in todo], cfg.workers)
     ann = M["ann_pgd_at"]
     rows, cost = {}, {}
     snn, key = M["snn_pgd_at"]

@@ -38,9 +38,14 @@ def _sections():
                "attacks": run_attack_section, "baselines": run_baselines_section, "curves": run_curves_section,
                "budgets": run_budgets_section, "ablations": run_ablation_section,
                "ood": run_ood_section}
-    out = [(name, lambda cfg, store, progress, f=f: f(cfg, store=store, progress=progress)) for name, f in runners.items()]
-    return out + [("paper", lambda cfg, store, progress: (render_all(_paper_target(cfg)),
-                                                          write_claims(_paper_target(cfg))))]
+    out = [(name, lambda cfg, store, progress, chosen=(), f=f: f(cfg, store=store, progress=progress))
+           for name, f in runners.items()]
+    # the ANN section builds the clean ANN's SNN chain in the process that trained it, while the PGD-AT ANN still
+    # trains, when the finetuning section (which needs that chain) is to run too
+    out[0] = ("ann", lambda cfg, store, progress, chosen=(): run_ann_section(
+        cfg, store=store, progress=progress, chain_ahead=("clean",) if "finetune" in chosen else ()))
+    return out + [("paper", lambda cfg, store, progress, chosen=(): (render_all(_paper_target(cfg)),
+                                                                     write_claims(_paper_target(cfg))))]
 
 
 def _paper_target(cfg) -> str:
@@ -79,7 +84,7 @@ def cmd_reproduce(args) -> int:
         if name in chosen:
             t = time.time()
             print(f"== section {name} (scale {cfg.scale}) ==", flush=True)
-            run(cfg, store, not args.quiet)
+            run(cfg, store, not args.quiet, chosen)
             record_section_time(cfg, sitting, name, time.time() - t, host)  # results/<run>/timing.json
             print(f"== section {name} done in {time.time() - t:.0f}s", flush=True)
     if "paper" in chosen:  # the report rendered before its own time was recorded: its time table again, complete
@@ -192,7 +197,7 @@ def cmd_seeds(args) -> int:
             for name, run in _sections():
                 if name in chosen:
                     t = time.time()
-                    run(cs, ArtifactStore(), not args.quiet)
+                    run(cs, ArtifactStore(), not args.quiet, chosen)
                     record_section_time(cs, sitting, name, time.time() - t, host)  # the seed run's timing.json
                     print(f"== seed {s}: section {name} done in {time.time() - t:.0f}s", flush=True)
     out = seed_spread(_paper_target(cfg), runs)

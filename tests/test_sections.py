@@ -549,3 +549,82 @@ def test_along_eps_evaluates_each_configured_claim_at_every_eps(monkeypatch):
     assert f"{cfg.eps_test:.6f}" not in only  # nothing to evaluate at ε_test: no point
     with pytest.raises(ValueError, match="unknown curve_claims"):
         B.along_eps(cfg.replace(curve_claims=("bogus",)), M, x, y, None, "pcw_1")
+
+
+# ---------------------------------------------------------------- pipelining: no core idles while a longer job runs
+
+class _Jobs(Exception):
+    pass
+
+
+def _capture_jobs(jobs, workers):
+    raise _Jobs(jobs)
+
+
+def test_the_ann_section_builds_the_clean_snn_chain_where_the_clean_ann_trained(monkeypatch, tmp_path):
+    """The clean ANN trains in about half the time of the PGD-AT one; its process goes on to convert and finetune the
+    clean ANN's SNN (which the finetuning section needs) instead of leaving a core idle — only when asked."""
+    import rsnn_paper.ann as A
+    import rsnn_paper.pipeline as P
+    from rsnn_paper.store import ArtifactStore
+    monkeypatch.setattr(A, "load_splits", lambda cfg: (None, None, None))
+    monkeypatch.setattr(A, "run_parallel", _capture_jobs)
+    store = ArtifactStore(tmp_path)
+    cfg = get_config("ci")
+    with pytest.raises(_Jobs) as e:
+        A.run_ann_section(cfg, store=store, chain_ahead=("clean",))
+    assert {a[1]: a[3] for _, a in e.value.args[0]} == {"clean": True, "pgd_at": False}
+    with pytest.raises(_Jobs) as e:
+        A.run_ann_section(cfg, store=store)
+    assert {a[1]: a[3] for _, a in e.value.args[0]} == {"clean": False, "pgd_at": False}
+    built = []
+    monkeypatch.setattr(A, "build_ann", lambda cfg, o, store, **k: built.append(("ann", o)) or (None, {"key": "k"}))
+    monkeypatch.setattr(P, "build_chain", lambda cfg, o, store, upto: built.append((upto, o)))
+    assert A._ann_job(cfg, "clean", str(tmp_path), True) == "k"
+    assert built == [("ann", "clean"), ("finetune", "clean")]
+    built.clear()
+    A._ann_job(cfg, "pgd_at", str(tmp_path))
+    assert built == [("ann", "pgd_at")]
+
+
+def test_reproduce_chains_the_clean_snn_ahead_only_when_the_finetuning_section_runs(monkeypatch):
+    import rsnn_paper.ann as A
+    from rsnn_paper.cli import _sections
+    seen = []
+    monkeypatch.setattr(A, "run_ann_section", lambda cfg, store=None, progress=True, chain_ahead=(): seen.append(
+        tuple(chain_ahead)))
+    run = dict(_sections())["ann"]
+    run(get_config("ci"), None, False, ["ann", "conversion", "finetune"])
+    run(get_config("ci"), None, False, ["ann"])
+    run(get_config("ci"), None, False)
+    assert seen == [("clean",), (), ()]
+
+
+def test_each_baseline_process_evaluates_its_model_after_training(monkeypatch, tmp_path):
+    """The two end-to-end trainings run in parallel and each process then evaluates its model (the shorter training
+    frees its core for that); the section reads the cached evaluations back."""
+    import rsnn_paper.baselines as B
+    import rsnn_paper.evaluation as ev
+    import rsnn_paper.pipeline as P
+    import rsnn_paper.training as tr
+    calls = []
+    x, y = torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])
+    monkeypatch.setattr(B, "build_e2e", lambda cfg, kind, store, **k: ("model", {"key": f"e2e-{kind}"}))
+    monkeypatch.setattr(tr, "load_splits", lambda cfg: (None, None, "test"))
+    monkeypatch.setattr(ev, "eval_images", lambda cfg, test: (x, y))
+    monkeypatch.setattr(P, "build_chain", lambda cfg, o, store, splits, upto: {"ann": ("ann", {"key": f"ann-{o}"})})
+    monkeypatch.setattr(B, "evaluate_snn", lambda m, key, xb, yb, cfg, store, ann: calls.append((m, key, ann)))
+    cfg = get_config("ci")
+    assert B._e2e_job(cfg, "snn_rat", str(tmp_path), True) == "e2e-snn_rat"
+    assert calls == [("model", "e2e-snn_rat", ("ann", "ann-pgd_at"))]  # transfer from the PGD-AT ANN, as the table
+    calls.clear()
+    B._e2e_job(cfg, "snn_rat", str(tmp_path))
+    assert calls == []
+    import rsnn_paper.attack_section as att
+    monkeypatch.setattr(att, "section_models", lambda *a, **k: {"ann_pgd_at": ("ann", "ann-k"),
+                                                                "snn_pgd_at": ("snn", "ft-k")})
+    monkeypatch.setattr(B, "run_parallel", _capture_jobs)
+    from rsnn_paper.store import ArtifactStore
+    with pytest.raises(_Jobs) as e:
+        B.run_baselines_section(cfg, ArtifactStore(tmp_path), progress=False)
+    assert sorted((a[1], a[3]) for _, a in e.value.args[0]) == [("e2e_at", True), ("snn_rat", True)]

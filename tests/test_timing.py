@@ -43,7 +43,7 @@ def test_sittings_are_summed_per_section_and_rendered_with_the_headline_total(ro
 
 def test_reproduce_records_every_section_it_ran_and_renders_the_table_after_the_report(root, monkeypatch):
     ran = []
-    fake = [(n, lambda cfg, store, progress, n=n: ran.append(n)) for n in ("ann", "conversion", "paper")]
+    fake = [(n, lambda cfg, store, progress, chosen=(), n=n: ran.append(n)) for n in ("ann", "conversion", "paper")]
     monkeypatch.setattr(cli, "_sections", lambda: fake)
     assert cli.main(["reproduce", "--scale", "ci", "--sections", "ann,paper", "--quiet"]) == 0
     assert ran == ["ann", "paper"]
@@ -62,7 +62,7 @@ def test_reproduce_records_every_section_it_ran_and_renders_the_table_after_the_
 def test_seeds_run_the_chosen_sections_per_seed_and_record_their_time(root, monkeypatch):
     import rsnn_paper.paper as paper
     ran = []
-    fake = [(n, lambda cfg, store, progress, n=n: ran.append((cfg.seed, n)))
+    fake = [(n, lambda cfg, store, progress, chosen=(), n=n: ran.append((cfg.seed, n)))
             for n in ("ann", "conversion", "finetune", "attacks", "baselines", "curves", "budgets", "ablations", "ood",
                       "paper")]
     monkeypatch.setattr(cli, "_sections", lambda: fake)
