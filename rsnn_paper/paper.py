@@ -138,7 +138,7 @@ def _eps(e: float) -> str:
 #: The test that decides firmness. Comparisons are on the same images, so they are paired: a claim holds firmly when
 #: the paired test supports its verdict at the 5% level (McNemar's exact test for "A is more robust than B", a paired
 #: bootstrap interval for a ratio or a margin); the two 95% Wilson intervals are reported beside.
-TEST = "paired: McNemar exact test (p < 0.05) / paired bootstrap 95% interval; Wilson intervals beside"
+TEST = "paired: McNemar exact test (one-sided p < 0.05 in the verdict's direction) / paired bootstrap 95% interval; Wilson intervals beside"
 ALPHA = 0.05
 MARGIN = 0.01  # "no better than": a paired 95% interval of the difference inside ±1 point decides "does not hold"
 N_BOOT = 2000
@@ -147,8 +147,8 @@ RATIO_CAP = 1000.0  # a resample in which B keeps no image has an unbounded rati
 
 def mcnemar(a: list, b: list) -> dict:
     """McNemar's exact test on paired per-image outcomes `a`, `b` (True = robust): `n_a` images only `a` keeps, `n_b`
-    only `b` keeps, and the two-sided and one-sided ("a keeps more") p-values of the binomial test on the discordant
-    pairs."""
+    only `b` keeps, and the two-sided and the two one-sided ("a keeps more", "b keeps more") p-values of the binomial
+    test on the discordant pairs. A directional claim is decided on its one-sided p-value."""
     from math import comb
     if len(a) != len(b):
         raise ValueError(f"paired outcomes need the same images, got {len(a)} and {len(b)}")
@@ -158,7 +158,7 @@ def mcnemar(a: list, b: list) -> dict:
     cdf = lambda k: sum(comb(m, i) for i in range(0, k + 1)) / 2 ** m if m else 1.0
     greater = cdf(nb)  # P(X ≤ n_b) for X ~ Bin(m, 1/2): "a keeps more" one-sided
     return {"n_a_only": na, "n_b_only": nb, "p_two_sided": float(min(1.0, 2 * cdf(min(na, nb)))),
-            "p_a_greater": float(min(1.0, greater))}
+            "p_a_greater": float(min(1.0, greater)), "p_b_greater": float(min(1.0, cdf(na)))}
 
 
 def _paired(a: list, b: list, seed: int = 0) -> dict:
@@ -549,7 +549,11 @@ def write_claims(scale: str) -> list[dict]:
 
 
 def _fmt_paired(p: dict) -> str:
-    return (f"McNemar {p['n_a_only']} vs {p['n_b_only']} discordant, p={p['p_two_sided']:.3g}; "
+    """The paired test in a line: the discordant images (only the first keeps vs only the second keeps), the one-sided
+    McNemar p-values in either direction (what a directional verdict reads), the two-sided one, the paired difference."""
+    pb = p.get("p_b_greater")
+    one = f"one-sided p={p['p_a_greater']:.3g}" + ("" if pb is None else f" / {pb:.3g}")
+    return (f"McNemar {p['n_a_only']} vs {p['n_b_only']} discordant, {one} (two-sided {p['p_two_sided']:.3g}); "
             f"diff {p['diff']:+.3f} [{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}]")
 
 # %% ../nbs/20_paper.ipynb #5eed5eed

@@ -26,6 +26,8 @@ def test_mcnemar_is_the_exact_binomial_test(a_only, b_only):
         assert r["p_two_sided"] == pytest.approx(scipy_stats.binomtest(a_only, m, 0.5).pvalue, rel=1e-9)
         assert r["p_a_greater"] == pytest.approx(
             scipy_stats.binomtest(a_only, m, 0.5, alternative="greater").pvalue, rel=1e-9)
+        assert r["p_b_greater"] == pytest.approx(
+            scipy_stats.binomtest(b_only, m, 0.5, alternative="greater").pvalue, rel=1e-9)
     else:
         assert r["p_two_sided"] == 1.0
 
@@ -155,3 +157,13 @@ def test_a_seed_run_reports_its_own_seed_only():
     first = {k: {"clean_acc": 0.5, "strong.robust_acc": 0.1} for k in ("finetuned", *BASELINES)}
     rows = headline_seeds(get_config("ci", seed=1), first, None, None, store=None)
     assert [r["seed"] for r in rows] == [1]
+
+
+def test_the_claims_table_shows_the_one_sided_p_values_a_verdict_reads():
+    """A directional verdict reads McNemar's one-sided p-value: 5 vs 0 discordant images is p = 1/32 one-sided (firm
+    at 0.05) but 1/16 two-sided — the table must show the former, or a firm verdict reads as contradicting its test."""
+    from rsnn_paper.paper import _fmt_paired
+    a = [True] * 5 + [False] * 95
+    b = [False] * 100
+    line = _fmt_paired(_paired(a, b))
+    assert "5 vs 0 discordant, one-sided p=0.0312 / 1 (two-sided 0.0625)" in line
