@@ -66,6 +66,13 @@ def _where(cfg) -> str:
     return f"results in {r}" + ("" if f == r else f", tables and figures in {f}")
 
 
+def _verdict(claim: dict) -> str:
+    "A claim's verdict in a word or two: holds / FAILS (firm or not), or not measured yet (its section has not run)."
+    if claim.get("holds") is None:
+        return "not measured yet"
+    return ("holds" if claim["holds"] else "FAILS") + (", firm" if claim["firm"] else "")
+
+
 def cmd_reproduce(args) -> int:
     cfg = _config(args)
     store = ArtifactStore()
@@ -153,7 +160,7 @@ def cmd_render(args) -> int:
         from rsnn_paper.paper import update_readme
         print("README.md updated" if update_readme(cfg.scale) else "README.md already up to date")
     for c in claims:
-        print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['claim']}")
+        print(f"[{_verdict(c)}] {c['claim']}")
     return 0
 
 
@@ -206,7 +213,7 @@ def cmd_seeds(args) -> int:
           f"(table: {figures_dir(_paper_target(cfg)) / 'seeds_table.md'})")
     for c in claims:
         s = c.get("seeds")
-        print(f"[{'holds' if c['holds'] else 'FAILS'}{', firm' if c['firm'] else ''}] {c['id']}: "
+        print(f"[{_verdict(c)}] {c['id']}: "
               + ("" if s is None else f"holds per seed {s['holds']}"))
     return 0
 

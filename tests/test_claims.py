@@ -167,3 +167,10 @@ def test_the_claims_table_shows_the_one_sided_p_values_a_verdict_reads():
     b = [False] * 100
     line = _fmt_paired(_paired(a, b))
     assert "5 vs 0 discordant, one-sided p=0.0312 / 1 (two-sided 0.0625)" in line
+
+
+def test_the_command_line_never_reports_an_unmeasured_claim_as_failing():
+    from rsnn_paper.cli import _verdict
+    assert _verdict({"holds": None, "firm": False}) == "not measured yet"
+    assert _verdict({"holds": False, "firm": True}) == "FAILS, firm"
+    assert _verdict({"holds": True, "firm": False}) == "holds"
