@@ -74,7 +74,8 @@ def variant_key(cfg: Config, variant: dict) -> str:
 
 def evaluate_variant(snn, key: str, x, y, cfg: Config, store: ArtifactStore, progress: bool = False) -> dict:
     """Clean accuracy, PGD (triangle surrogate) at ε_train, and the strong protocol over the 19 sources at ε_test of
-    artifact `key` on images `x`; its first stage is the paper's PGD in cascade, whose accuracy is the PGD ensemble's."""
+    artifact `key` on images `x`; its first stage is the paper's PGD over every source on every image, whose accuracy
+    is the PGD ensemble's."""
     from rsnn_paper.evaluation import strong, whitebox
     from rsnn_paper.surrogates import DEFAULT_SOURCE
     at_train = whitebox(snn, key, x, y, "pgd", cfg.eps_train, cfg, store, sources=(DEFAULT_SOURCE,), progress=progress)
