@@ -92,7 +92,7 @@ def cmd_reproduce(args) -> int:
             t = time.time()
             print(f"== section {name} (scale {cfg.scale}) ==", flush=True)
             run(cfg, store, not args.quiet, chosen)
-            record_section_time(cfg, sitting, name, time.time() - t, host)  # results/<run>/timing.json
+            record_section_time(cfg, sitting, name, time.time() - t, host, store.store_id)  # results/<run>/timing.json
             print(f"== section {name} done in {time.time() - t:.0f}s", flush=True)
     if "paper" in chosen:  # the report rendered before its own time was recorded: its time table again, complete
         from rsnn_paper.paper import render_timing
@@ -204,8 +204,9 @@ def cmd_seeds(args) -> int:
             for name, run in _sections():
                 if name in chosen:
                     t = time.time()
-                    run(cs, ArtifactStore(), not args.quiet, chosen)
-                    record_section_time(cs, sitting, name, time.time() - t, host)  # the seed run's timing.json
+                    store = ArtifactStore()
+                    run(cs, store, not args.quiet, chosen)
+                    record_section_time(cs, sitting, name, time.time() - t, host, store.store_id)  # the seed run's
                     print(f"== seed {s}: section {name} done in {time.time() - t:.0f}s", flush=True)
     out = seed_spread(_paper_target(cfg), runs)
     claims = write_claims(_paper_target(cfg))

@@ -218,6 +218,17 @@ class ArtifactStore:
         pt, js = self.paths(key)
         return pt.is_file() and js.is_file()
 
+    @property
+    def store_id(self) -> str:
+        """A random id, written into the store (`.store_id`) the first time it is asked for: which store a run's
+        sittings built their artifacts in (`record_section_time` adds up the sittings of one store only)."""
+        import uuid
+        p = self.root / ".store_id"
+        if not p.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _atomic_write(p, lambda f: f.write(uuid.uuid4().hex.encode()))
+        return p.read_text().strip()
+
     def save(self, key: str, state_dict: dict, meta: dict) -> None:
         "Write the state_dict, then the sidecar (the sidecar's presence marks a complete artifact)."
         pt, js = self.paths(key)
@@ -335,15 +346,21 @@ def host_info() -> dict:
             "torch": torch.__version__, "rsnn_paper": rsnn_paper.__version__}
 
 
-def record_section_time(target: RunTarget, sitting: str, section: str, wall_s: float, host: Optional[dict] = None) -> dict:
+def record_section_time(target: RunTarget, sitting: str, section: str, wall_s: float, host: Optional[dict] = None,
+                        store_id: Optional[str] = None) -> dict:
     """Add `section`'s wall time (seconds) to sitting `sitting` (the sitting's start, an ISO time) in the run's
     `timing.json`, and recompute each section's total over sittings. A run resumed after an interruption is several
-    sittings; a section a sitting only reloaded adds its (small) reload time. Returns the timing record."""
+    sittings; a section a sitting only reloaded adds its (small) reload time. With `store_id` (`ArtifactStore.store_id`)
+    only the sittings of that artifact store add up: a `timing.json` of another store — the committed results of a
+    fresh clone, another machine's run — is replaced, never mixed with this run's times. Returns the timing record."""
     path = results_dir(target) / "timing.json"
     rec = read_json(path) if path.is_file() else {"sittings": []}
+    if store_id is not None:
+        rec["sittings"] = [s for s in rec["sittings"] if s.get("store") == store_id]
     sit = next((s for s in rec["sittings"] if s["started_at"] == sitting), None)
     if sit is None:
-        sit = {"started_at": sitting, "host": host or host_info(), "sections": {}}
+        sit = {"started_at": sitting, "host": host or host_info(), "sections": {},
+               **({"store": store_id} if store_id is not None else {})}
         rec["sittings"].append(sit)
     sit["sections"][section] = float(wall_s)
     totals: dict = {}

@@ -78,3 +78,23 @@ def test_seeds_run_the_chosen_sections_per_seed_and_record_their_time(root, monk
     assert cli.main(["seeds", "--scale", "ci", "--seeds", "0,1", "--run", "--quiet"]) == 0  # default: the claim sections
     assert [n for _, n in ran] == list(cli.SEED_SECTIONS)
     assert cli.main(["seeds", "--scale", "ci", "--seeds", "0,1", "--run", "--sections", "ann,bogus"]) == 2
+
+
+def test_a_fresh_run_never_adds_its_times_to_another_stores_sittings(root, monkeypatch):
+    """A fresh clone holds the committed results, `timing.json` included; a run there builds its artifacts in a new
+    store, and its sittings must not be added to the committed run's (another machine, another store)."""
+    record_section_time("cpu", "2026-01-01T00:00:00", "ann", 600.0, HOST)  # the committed run: no store recorded
+    record_section_time("cpu", "2026-01-01T00:00:00", "attacks", 900.0, HOST, store_id="other")
+    rec = record_section_time("cpu", "2026-01-03T00:00:00", "ann", 50.0, HOST, store_id="mine")
+    assert [s["started_at"] for s in rec["sittings"]] == ["2026-01-03T00:00:00"] and rec["sections_s"] == {"ann": 50.0}
+    rec = record_section_time("cpu", "2026-01-04T00:00:00", "ann", 5.0, HOST, store_id="mine")  # resumed: adds up
+    assert rec["sections_s"] == {"ann": 55.0} and all(s["store"] == "mine" for s in rec["sittings"])
+    # reproduce records its store's id, which the store keeps
+    fake = [(n, lambda cfg, store, progress, chosen=(), n=n: None) for n in ("ann", "paper")]
+    monkeypatch.setattr(cli, "_sections", lambda: fake)
+    assert cli.main(["reproduce", "--scale", "cpu", "--sections", "ann", "--quiet"]) == 0
+    from rsnn_paper.store import ArtifactStore
+    sid = ArtifactStore().store_id
+    assert sid == ArtifactStore().store_id and len(sid) == 32
+    rec = read_json(results_dir("cpu") / "timing.json")
+    assert [s["store"] for s in rec["sittings"]] == [sid]
