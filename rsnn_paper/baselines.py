@@ -163,9 +163,9 @@ def _e2e_job(cfg: Config, kind: str, root: str, evaluate: bool = False) -> str:
     from rsnn_paper.pipeline import build_chain
     from rsnn_paper.training import load_splits
     store = ArtifactStore(root)
-    model, meta = build_e2e(cfg, kind, store, progress=False)
+    splits = load_splits(cfg)  # once, for the training and the evaluation
+    model, meta = build_e2e(cfg, kind, store, splits=splits, progress=False)
     if evaluate:
-        splits = load_splits(cfg)
         x, y = eval_images(cfg, splits[2])
         ann, ameta = build_chain(cfg, "pgd_at", store, splits, upto="ann")["ann"]
         evaluate_snn(model, meta["key"], x, y, cfg, store, (ann, ameta["key"]))
