@@ -5,11 +5,13 @@
 # %% ../nbs/30_cli.ipynb #9a037da8
 from __future__ import annotations
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import datetime
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -73,6 +75,36 @@ def _verdict(claim: dict) -> str:
     return ("holds" if claim["holds"] else "FAILS") + (", firm" if claim["firm"] else "")
 
 
+class _Terminated(BaseException):
+    "SIGTERM, raised in the main process so that the running section records its partial time (`_timed`)."
+
+
+@contextlib.contextmanager
+def _timed(target, sitting: str, name: str, host: dict, store_id: str):
+    """Record section `name`'s wall time in the run's `timing.json` when it ends — also when it is stopped by Ctrl-C
+    or SIGTERM (`kill`): then its partial time is recorded as interrupted (the work it finished is cached, and the
+    next sitting's reload of it adds only its small reload time), and the stop goes on. Only `kill -9` loses it."""
+    import signal
+
+    def _term(signum, frame):
+        raise _Terminated(f"signal {signum}")
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _term) if main_thread else None
+    t = time.time()
+    try:
+        yield
+    except (KeyboardInterrupt, _Terminated):
+        record_section_time(target, sitting, name, time.time() - t, host, store_id, interrupted=True)
+        print(f"== section {name} interrupted after {time.time() - t:.0f}s (recorded in timing.json; rerun the same "
+              f"command to resume)", file=sys.stderr, flush=True)
+        raise
+    else:
+        record_section_time(target, sitting, name, time.time() - t, host, store_id)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
 def cmd_reproduce(args) -> int:
     cfg = _config(args)
     store = ArtifactStore()
@@ -91,8 +123,8 @@ def cmd_reproduce(args) -> int:
         if name in chosen:
             t = time.time()
             print(f"== section {name} (scale {cfg.scale}) ==", flush=True)
-            run(cfg, store, not args.quiet, chosen)
-            record_section_time(cfg, sitting, name, time.time() - t, host, store.store_id)  # results/<run>/timing.json
+            with _timed(cfg, sitting, name, host, store.store_id):  # results/<run>/timing.json
+                run(cfg, store, not args.quiet, chosen)
             print(f"== section {name} done in {time.time() - t:.0f}s", flush=True)
     if "paper" in chosen:  # the report rendered before its own time was recorded: its time table again, complete
         from rsnn_paper.paper import render_timing
@@ -205,8 +237,8 @@ def cmd_seeds(args) -> int:
                 if name in chosen:
                     t = time.time()
                     store = ArtifactStore()
-                    run(cs, store, not args.quiet, chosen)
-                    record_section_time(cs, sitting, name, time.time() - t, host, store.store_id)  # the seed run's
+                    with _timed(cs, sitting, name, host, store.store_id):  # the seed run's timing.json
+                        run(cs, store, not args.quiet, chosen)
                     print(f"== seed {s}: section {name} done in {time.time() - t:.0f}s", flush=True)
     out = seed_spread(_paper_target(cfg), runs)
     claims = write_claims(_paper_target(cfg))
@@ -412,3 +444,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"rsnn-paper: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except _Terminated:  # SIGTERM: the running section recorded its partial time; exit as a terminated process does
+        return 143

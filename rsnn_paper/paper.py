@@ -115,8 +115,12 @@ def render_timing(scale) -> Path:
     on = "; ".join(f"{c} ×{n} cores, {t} torch threads" + (f", {g}" if g else "") for c, n, t, g in sorted(hosts, key=str))
     fdir = figures_dir(scale)
     fdir.mkdir(parents=True, exist_ok=True)
+    stops = [f"{sec} ({sit['started_at'][:16]})" for sit in rec["sittings"] for sec in sit.get("interrupted", [])]
+    stopped = (f"; stopped during {', '.join(stops)} and resumed: the stopped part counts, the resumed sitting "
+               f"reused what it had finished" if stops else "")
     write_table(pd.DataFrame(rows), fdir / "run_time_table", f"Wall time of `rsnn-paper reproduce --scale "
-                f"{Path(str(scale)).name}` by section (summed over {len(rec['sittings'])} sitting(s); measured on {on})")
+                f"{Path(str(scale)).name}` by section (summed over {len(rec['sittings'])} sitting(s){stopped}; "
+                f"measured on {on})")
     return fdir / "run_time_table.md"
 
 # %% ../nbs/20_paper.ipynb #74ec4999

@@ -347,12 +347,14 @@ def host_info() -> dict:
 
 
 def record_section_time(target: RunTarget, sitting: str, section: str, wall_s: float, host: Optional[dict] = None,
-                        store_id: Optional[str] = None) -> dict:
+                        store_id: Optional[str] = None, interrupted: bool = False) -> dict:
     """Add `section`'s wall time (seconds) to sitting `sitting` (the sitting's start, an ISO time) in the run's
     `timing.json`, and recompute each section's total over sittings. A run resumed after an interruption is several
     sittings; a section a sitting only reloaded adds its (small) reload time. With `store_id` (`ArtifactStore.store_id`)
     only the sittings of that artifact store add up: a `timing.json` of another store — the committed results of a
-    fresh clone, another machine's run — is replaced, never mixed with this run's times. Returns the timing record."""
+    fresh clone, another machine's run — is replaced, never mixed with this run's times. `interrupted`: the section
+    was stopped (Ctrl-C, `kill`) after `wall_s`; its partial time counts (the work it finished is cached and the next
+    sitting reuses it) and the sitting lists it under `"interrupted"`. Returns the timing record."""
     path = results_dir(target) / "timing.json"
     rec = read_json(path) if path.is_file() else {"sittings": []}
     if store_id is not None:
@@ -363,6 +365,10 @@ def record_section_time(target: RunTarget, sitting: str, section: str, wall_s: f
                **({"store": store_id} if store_id is not None else {})}
         rec["sittings"].append(sit)
     sit["sections"][section] = float(wall_s)
+    if interrupted:
+        sit["interrupted"] = sorted({*sit.get("interrupted", []), section})
+    elif section in sit.get("interrupted", []):
+        sit["interrupted"] = [s for s in sit["interrupted"] if s != section]
     totals: dict = {}
     for s in rec["sittings"]:
         for k, v in s["sections"].items():

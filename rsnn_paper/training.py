@@ -458,7 +458,20 @@ def run_parallel(jobs: list, workers: int = 1) -> list:
     import concurrent.futures as cf
     import multiprocessing as mp
     from rsnn_paper.fused import runtime_settings
-    with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                initializer=_worker_init, initargs=(os.getpid(), runtime_settings())) as ex:
+    ex = cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                initializer=_worker_init, initargs=(os.getpid(), runtime_settings()))
+    try:
         futures = [ex.submit(f, *a) for f, a in jobs]
         return [fu.result() for fu in futures]  # a job's exception is raised here, with its traceback
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            # the run was stopped (Ctrl-C, SIGTERM: not a job's error, after which the other jobs finish): end the
+            # workers now rather than wait for their jobs (what they finished is checkpointed; a rerun resumes it)
+            procs = list((getattr(ex, "_processes", None) or {}).values())
+            ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        raise
+    finally:
+        ex.shutdown(wait=True)

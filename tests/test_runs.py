@@ -337,3 +337,40 @@ def test_run_parallel_runs_a_program_read_from_stdin(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[3, 12]"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") and psutil is None, reason="needs /proc or psutil")
+def test_a_stopped_run_ends_its_workers_at_once(tmp_path):
+    """Ctrl-C (or SIGTERM, which `rsnn-paper reproduce` turns into the same stop) while workers run their jobs: the
+    parent ends them and exits now, instead of waiting for their jobs to finish (here: a minute of sleep)."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from rsnn_paper.training import run_parallel
+        if __name__ == "__main__":
+            print("started", flush=True)
+            run_parallel([(time.sleep, (60,)), (time.sleep, (61,))], workers=2)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert parent.stdout.readline().decode().strip() == "started"
+        t0 = time.time()
+        while len(_children(parent.pid)) < 2:  # both workers are up (their jobs are sleeping)
+            assert parent.poll() is None and time.time() - t0 < 60, "the workers never started"
+            time.sleep(0.1)
+        time.sleep(3)  # the workers import torch before they take a job
+        workers = _children(parent.pid)
+        t_stop = time.time()
+        os.kill(parent.pid, signal.SIGINT)  # the parent only, as `rsnn-paper reproduce` gets SIGTERM from `kill`
+        parent.wait(20)
+        assert time.time() - t_stop < 20
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    out = parent.stdout.read().decode()
+    assert parent.returncode != 0 and "KeyboardInterrupt" in out, out
+    t_kill = time.time()
+    while any(_alive(p) for p in workers) and time.time() - t_kill < 10:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "a worker outlived the stop"

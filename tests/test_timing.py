@@ -98,3 +98,41 @@ def test_a_fresh_run_never_adds_its_times_to_another_stores_sittings(root, monke
     assert sid == ArtifactStore().store_id and len(sid) == 32
     rec = read_json(results_dir("cpu") / "timing.json")
     assert [s["store"] for s in rec["sittings"]] == [sid]
+
+
+def test_a_stopped_section_records_its_partial_time_and_the_rerun_adds_to_it(root, monkeypatch):
+    """`kill` (SIGTERM) or Ctrl-C during a section: its partial time is recorded as interrupted — the work it finished
+    is cached, so the summed wall time of the resumed run is what the run cost — and the stop goes on (exit 143)."""
+    import os
+    import signal
+    import time
+
+    def stop(cfg, store, progress, chosen=()):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` from another shell would
+        time.sleep(30)  # the handler interrupts this at once
+
+    fake = [("ann", lambda cfg, store, progress, chosen=(): None), ("finetune", stop), ("paper", lambda *a, **k: None)]
+    monkeypatch.setattr(cli, "_sections", lambda: fake)
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.time()
+    assert cli.main(["reproduce", "--scale", "cpu", "--sections", "ann,finetune,paper", "--quiet"]) == 143
+    assert time.time() - t0 < 10 and signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+    rec = read_json(results_dir("cpu") / "timing.json")
+    (sit,) = rec["sittings"]
+    assert set(sit["sections"]) == {"ann", "finetune"} and sit["interrupted"] == ["finetune"]
+    assert 0 <= sit["sections"]["finetune"] < 10 and "paper" not in rec["sections_s"]  # the stop ended the run
+
+    def ctrl_c(cfg, store, progress, chosen=()):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_sections", lambda: [("finetune", ctrl_c)])
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["reproduce", "--scale", "cpu", "--sections", "finetune", "--quiet"])
+    rec = read_json(results_dir("cpu") / "timing.json")
+    assert [s.get("interrupted") for s in rec["sittings"]] == [["finetune"], ["finetune"]]
+    # the sitting that finishes it adds its time; the stopped sittings keep their mark
+    monkeypatch.setattr(cli, "_sections", lambda: [("finetune", lambda *a, **k: time.sleep(0.05))])
+    assert cli.main(["reproduce", "--scale", "cpu", "--sections", "finetune", "--quiet"]) == 0
+    rec = read_json(results_dir("cpu") / "timing.json")
+    assert len(rec["sittings"]) == 3 and "interrupted" not in rec["sittings"][2]
+    assert rec["sections_s"]["finetune"] == pytest.approx(sum(s["sections"]["finetune"] for s in rec["sittings"]))
+    assert rec["sections_s"]["finetune"] >= 0.05
