@@ -15,8 +15,8 @@ from .surrogates import current_gradient_source
 
 # %% auto #0
 __all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'IMAGENET_MEAN', 'IMAGENET_STD', 'VGG_CFGS', 'VGG11_CFG', 'MODELS', 'INPUT_SIZE',
-           'SpikingNet', 'VGG', 'VGG11', 'VGG16', 'VGG11Tiny', 'BasicBlock', 'ResNet', 'ResNet20', 'ResNet32',
-           'PreActBlock', 'WideResNet', 'WRN16_4', 'WRN28_2', 'WRN28_4', 'create_model']
+           'SpikingNet', 'VGG', 'VGG11', 'VGG16', 'VGG11Tiny', 'PointwiseConv', 'BasicBlock', 'ResNet', 'ResNet20',
+           'ResNet32', 'PreActBlock', 'WideResNet', 'WRN16_4', 'WRN28_2', 'WRN28_4', 'create_model']
 
 # %% ../nbs/03_models.ipynb #aead3802
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -161,6 +161,19 @@ class VGG11Tiny(VGG):
         super().__init__(num_classes, width, mean=mean, std=std, dropout=dropout, **kwargs,
                          cfg=VGG_CFGS["vgg11_tiny"], n_hidden=1, global_pool=True, input_size=64)
 
+# %% ../nbs/03_models.ipynb #b2c0ffee
+class PointwiseConv(nn.Conv2d):
+    """A 1×1 convolution whose stride subsamples the input first (`x[..., ::s, ::s]`), then convolves with stride 1:
+    the same function and parameters as `nn.Conv2d(c_in, c_out, 1, stride)`, avoiding a heap corruption in oneDNN's
+    backward of the strided 1×1 kernel (channels-last, 2–7 input channels, torch 2.14 CPU)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = False):
+        super().__init__(c_in, c_out, 1, stride, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[..., ::sh, ::sw] if (sh, sw) != (1, 1) else x, self.weight, self.bias)
+
 # %% ../nbs/03_models.ipynb #66b4058e
 class BasicBlock(nn.Module):
     "ResNet basic block: conv→BN→IF→conv→BN, merged with the shortcut as a·branch + b·shortcut, then IF."
@@ -173,7 +186,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            PointwiseConv(c_in, c_out, stride), nn.BatchNorm2d(c_out))
         self.merge_a = nn.Parameter(torch.tensor(0.5))
         self.merge_b = nn.Parameter(torch.tensor(0.5))
         self.act2 = neuron()
@@ -241,7 +254,7 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.act2 = neuron()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+        self.shortcut = None if stride == 1 and c_in == c_out else PointwiseConv(c_in, c_out, stride)
         self.merge_a = nn.Parameter(torch.tensor(0.5))
         self.merge_b = nn.Parameter(torch.tensor(0.5))
 

@@ -217,3 +217,44 @@ def test_channels_last_travels_through_conversion_and_changes_only_rounding():
         for m in (a, b):
             m.T, _ = 2, m.eval()
         assert torch.allclose(a(x), b(x), atol=1e-4)
+
+
+def test_strided_pointwise_shortcut_is_the_strided_1x1_convolution():
+    from rsnn_paper.models import PointwiseConv
+    torch.manual_seed(0)
+    for c_in, stride in ((2, 2), (4, 2), (16, 1)):
+        pc, ref = PointwiseConv(c_in, 2 * c_in, stride), nn.Conv2d(c_in, 2 * c_in, 1, stride, bias=False)
+        ref.load_state_dict(pc.state_dict())
+        x = torch.rand(3, c_in, 16, 16, requires_grad=True)
+        a, b = pc(x), ref(x)
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+        ga, = torch.autograd.grad(a.square().sum(), x)
+        gb, = torch.autograd.grad(b.square().sum(), x)
+        assert torch.allclose(ga, gb, atol=1e-5)
+
+
+_NARROW_BACKWARD = """
+import sys, torch
+from rsnn_paper.models import create_model
+torch.manual_seed(0)
+m = create_model(sys.argv[1], width=float(sys.argv[2])).to(memory_format=torch.channels_last).train()
+x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+for T in (0, 0, 2):
+    m.T = T
+    m(x).square().sum().backward()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name,width", [("resnet20", 1 / 16), ("wrn28_2", 1 / 8), ("wrn16_4", 1 / 16)])
+def test_narrow_residual_models_train_in_channels_last(name, width):
+    """The residual models at the test matrix's widths have 2–7-channel stages, where oneDNN's backward of a strided
+    1×1 convolution in channels-last layout corrupted the heap (torch 2.14 CPU; glibc aborted the process). In a
+    subprocess, so that an abort fails this test instead of ending the test run."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _NARROW_BACKWARD, name, str(width)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -17,10 +17,11 @@ The chain tests are opt-in (they take minutes, beyond CI's budget; measured: the
 
 (`CI_PAIRS`, 8 pairs; the other 4 pairs run only with the full matrix).
 
-Known problem (found 2026-12-01, open): every WRN pair fails in the robust ANN's first training step — with
-OMP_NUM_THREADS=1 glibc aborts with "corrupted size vs. prev_size" in `fit`'s `loss.backward()`, with 2 threads the
-process hangs later in the end-to-end baseline's backward; the same model and `TrainStep` outside `fit` run fine, and
-a batch of 1 passes. A native heap corruption reached through `fit`, being isolated. Only the full matrix runs at the paper's width 1: CI runs its subset at
+Found by this matrix (2026-12-01, fixed): torch 2.14's CPU build corrupts the heap in oneDNN's backward of a
+stride-2 1×1 convolution in channels-last layout with 2–7 input channels — the residual models' strided
+shortcut at these narrow widths (glibc aborted; with 2 threads the process spun forever). The models compute that
+shortcut as subsampling + a stride-1 1×1 convolution (`rsnn_paper.models.PointwiseConv`, same function and
+parameters); `tests/test_archs.py::test_narrow_residual_models_train_in_channels_last` guards it. Only the full matrix runs at the paper's width 1: CI runs its subset at
 width `CI_WIDTH` (1/16), because width 1 at T = 8 costs about 200 s per pair on 2 CPU cores (see `CI_WIDTH`).
 """
 import math
