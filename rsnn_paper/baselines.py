@@ -18,7 +18,7 @@ from .training import TrainStep, derive_seed, fit, resolve_device, run_parallel,
 # %% auto #0
 __all__ = ['BASELINES', 'EVAL_FIELDS', 'CURVE_MODELS', 'TRANSFER_MODELS', 'CURVE_CLAIMS', 'ALONG_ROWS', 'parseval_retraction',
            'project_simplex', 'ParsevalHook', 'build_e2e', 'evaluate_snn', 'run_baselines_section', 'headline_seeds',
-           'render_baselines', 'run_curves_section', 'check_curve_claims', 'along_eps', 'render_curves',
+           'render_baselines', 'curve_jobs', 'run_curves_section', 'check_curve_claims', 'along_eps', 'render_curves',
            'run_budgets_section', 'render_budgets']
 
 # %% ../nbs/14_baselines.ipynb #1cefd2a5
@@ -312,35 +312,107 @@ CURVE_MODELS = ("finetuned", *BASELINES, "ann_pgd_at")
 TRANSFER_MODELS = ("snn_pgd_at", "snn_clean", "ann_pgd_at", "ann_clean")
 
 
+def _curve_nets(cfg: Config, store: ArtifactStore, splits, progress: bool = False) -> tuple[dict, dict]:
+    """The headline models `M` and the curve's models as {name: ((model, key), sources)}: the finetuned SNN, both
+    end-to-end baselines and the PGD-AT ANN (every one loaded from the store, built when missing)."""
+    from rsnn_paper.attack_section import section_models
+    from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
+    M = section_models(cfg, store, progress, splits)
+    nets = {"finetuned": (M["snn_pgd_at"], GRADIENT_SOURCES)}
+    for kind in BASELINES:
+        m, meta = build_e2e(cfg, kind, store, splits, progress=progress)
+        nets[kind] = ((m, meta["key"]), GRADIENT_SOURCES)
+    nets["ann_pgd_at"] = (M["ann_pgd_at"], (DEFAULT_SOURCE,))
+    return M, nets
+
+
+def curve_jobs(cfg: Config, best_source: str) -> list[tuple]:
+    """The independent evaluations of the `curves` section as `(what, model, ε)` tuples, most expensive first, each
+    cached by itself, so that `cfg.workers` processes can run them side by side (`_curve_job`) before the section
+    assembles them from the cache: the strong protocol ("strong") of every curve model at every ε of the curve but 0
+    and ε_test, of the transfer claim's models at ε_train, and — for the claims of `cfg.curve_claims` at every
+    nonzero ε (`along_eps`) — of the clean chain ("transfer"), the single strongest source `best_source` ("single")
+    and the black-box attacks ("blackbox"). Every job is listed once (the finetuned SNN is `snn_pgd_at`)."""
+    eps = [float(e) for e in cfg.eps_curve if float(e) > 0]
+    off = [e for e in eps if abs(e - cfg.eps_test) > 1e-12]
+    alias = {"snn_pgd_at": "finetuned"}
+    jobs = [("strong", name, e) for name in ("finetuned", *BASELINES, "ann_pgd_at") for e in off]
+    jobs += [("strong", alias.get(name, name), float(cfg.eps_train)) for name in TRANSFER_MODELS]
+    if "transfer" in cfg.curve_claims:
+        jobs += [("strong", name, e) for name in ("snn_clean", "ann_clean") for e in eps]
+    if "ensemble" in cfg.curve_claims:
+        jobs += [("single", best_source, e) for e in off]
+    if "blackbox" in cfg.curve_claims:
+        jobs += [("blackbox", "finetuned", e) for e in off]
+    seen, out = set(), []
+    for j in jobs:
+        k = (j[0], j[1], round(j[2] * 255, 6))
+        if k not in seen:
+            seen.add(k)
+            out.append(j)
+    # the SNNs attacked with every source first (ANNs and single sources are cheap), larger ε last (fewer survivors)
+    cost = lambda j: (j[0] == "strong" and not j[1].startswith("ann"), j[0] != "single", -j[2])
+    return sorted(out, key=cost, reverse=True)
+
+
+def _curve_job(cfg: Config, job: tuple, root: str) -> str:
+    "Run one `curve_jobs` evaluation into the store at `root` (a `run_parallel` job; the result is cached there)."
+    from rsnn_paper.evaluation import blackbox, eval_images, strong
+    from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
+    from rsnn_paper.training import load_splits
+    what, name, e = job
+    store = ArtifactStore(root)
+    splits = load_splits(cfg)
+    M, nets = _curve_nets(cfg, store, splits)
+    x, y = eval_images(cfg, splits[2])
+    if what == "strong":
+        (m, mk), srcs = nets[name] if name in nets else (M[name], GRADIENT_SOURCES if name.startswith("snn")
+                                                          else (DEFAULT_SOURCE,))
+        strong(m, mk, x, y, e, cfg, store, sources=srcs)
+    elif what == "single":
+        strong(*M["snn_pgd_at"], x, y, e, cfg, store, sources=(name,))
+    elif what == "blackbox":
+        snn = M["snn_pgd_at"]
+        blackbox(*snn, x, y, "square", e, cfg, store)
+        blackbox(*snn, x, y, "pgd", e, cfg, store, source=M["ann_pgd_at"])
+        blackbox(*snn, x, y, "pgd", e, cfg, store, source=M["snn_clean"])
+    else:
+        raise ValueError(f"unknown curve job {job!r}")
+    return f"{what} {name} ε={e * 255:g}/255"
+
+
 def run_curves_section(cfg: Config, store=None, progress: bool = True) -> dict:
     """Robust accuracy against ε (every ε of `cfg.eps_curve`, strong protocol) of the finetuned SNN, both end-to-end
     baselines and the PGD-AT ANN, and the four models of the transfer claim at ε_train (the SNNs converted from the
     PGD-AT and the clean ANN, and those ANNs), on the images of the main table, per-image outcomes kept for the paired
     tests. The points at ε_test are the main table's own records. The most expensive evaluation of a run, hence its
-    own section (at scale `cpu` a sitting of its own, after `attacks` and `baselines`). Writes
+    own section (at scale `cpu` a sitting of its own, after `attacks` and `baselines`); with `cfg.workers` > 1 its
+    evaluations (`curve_jobs`) run side by side in that many processes first, one thread each. Writes
     `results/<run>/curves.json`, the curve table and both curve figures."""
-    from rsnn_paper.attack_section import evaluate_protocols, section_models
+    from rsnn_paper.attack_section import evaluate_protocols
     from rsnn_paper.evaluation import eval_images, slim_record, strong, strong_points
     from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
-    from rsnn_paper.training import load_splits
+    from rsnn_paper.training import load_splits, run_parallel
     store = store or ArtifactStore()
     splits = load_splits(cfg)
-    M = section_models(cfg, store, progress, splits)
+    M, nets = _curve_nets(cfg, store, splits, progress)
     x, y = eval_images(cfg, splits[2])
     ann_src = (DEFAULT_SOURCE,)
-    nets = {"finetuned": (M["snn_pgd_at"], GRADIENT_SOURCES)}
-    for kind in BASELINES:
-        m, meta = build_e2e(cfg, kind, store, splits, progress=progress)
-        nets[kind] = ((m, meta["key"]), GRADIENT_SOURCES)
-    nets["ann_pgd_at"] = (M["ann_pgd_at"], ann_src)
     labels = {"finetuned": "SNN converted from the PGD-AT ANN + KL+CE finetuning (ours)",
               **{k: v["label"] for k, v in BASELINES.items()},
               "ann_pgd_at": "ANN, PGD-AT (reference)"}
     check_curve_claims(cfg)  # before hours of evaluation, not after
-    models, best = {}, None
+    records = {k: evaluate_protocols(m, mk, x, y, cfg, store, sources=srcs, progress=progress)  # the main table's
+               for k, ((m, mk), srcs) in nets.items()}
+    best = records["finetuned"][0]["pgd"]["best_single_source"]
+    if cfg.workers > 1:
+        jobs = curve_jobs(cfg, best)
+        print(f"curves: {len(jobs)} evaluations in {cfg.workers} processes", flush=True)
+        for done in run_parallel([(_curve_job, (cfg, j, str(store.root))) for j in jobs], cfg.workers):
+            print(f"  done: {done}", flush=True)
+    models = {}
     for k, ((m, mk), srcs) in nets.items():
-        paper, at_test = evaluate_protocols(m, mk, x, y, cfg, store, sources=srcs, progress=progress)  # the main table's
-        best = paper["pgd"]["best_single_source"] if k == "finetuned" else best
+        at_test = records[k][1]
         pts = strong_points(m, mk, x, y, cfg, store, at_test, sources=srcs, progress=progress)
         models[k] = {"label": labels[k], "key": mk, "sources": len(srcs),
                      "strong_curve": {e: p["robust_acc"] for e, p in pts.items()},

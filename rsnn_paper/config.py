@@ -155,7 +155,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # ci: CI's 2 cores in minutes; its claims are decided along ε only against the end-to-end baselines (curve_claims:
     # the other claims' evaluations at every ε would cost CI about two more minutes)
     "ci": dict(workers=2, dataset="cifar10-jpeg", test_dataset="cifar10-exact", n_train=6000, n_val=500, n_test=500,
-               width=0.125, channels_last=False, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
+               width=0.125, ann_epochs=8, ann_batch_size=64, train_attack_steps=1, T=4, T_search=24, search_batches=2,
                search_batch_size=32, percentile_method="linear", search_fresh_batches=False, bn_calib_batches=4,
                sweep_T_max=32, n_sweep=200, ft_epochs=2, ft_n_train=640,
                ft_batch_size=32, ft_lr=3e-3, ft_pgd_steps=2, eval_pgd_steps=5, eval_batch_size=100, val_attack_steps=2,

@@ -628,3 +628,79 @@ def test_each_baseline_process_evaluates_its_model_after_training(monkeypatch, t
     with pytest.raises(_Jobs) as e:
         B.run_baselines_section(cfg, ArtifactStore(tmp_path), progress=False)
     assert sorted((a[1], a[3]) for _, a in e.value.args[0]) == [("e2e_at", True), ("snn_rat", True)]
+
+
+def _fake_curve_world(monkeypatch, tmp_path):
+    """The curves section on stand-ins: `strong`/`blackbox` record what they are asked (model key, ε in 255ths,
+    sources or attack), models are (None, key) pairs, nothing is trained or attacked."""
+    import rsnn_paper.attack_section as S
+    import rsnn_paper.baselines as B
+    import rsnn_paper.evaluation as ev
+    import rsnn_paper.training as TR
+    from rsnn_paper.surrogates import DEFAULT_SOURCE, GRADIENT_SOURCES
+    n, calls = 4, []
+    rec = lambda acc: {"protocol": "strong", "n": n, "robust_acc": acc, "robust": [True, False, False, False],
+                       "clean_acc": 1.0, "clean_correct": [True] * n, "converged": True,
+                       "broken_by": [None, ["pgd", "pcw_1", 0], ["pgd", "pcw_1", 0], ["pgd", "pcw_1", 0]]}
+
+    def fake_strong(model, key, x, y, eps, cfg, store, sources=GRADIENT_SOURCES, **k):
+        calls.append(("strong", key, round(eps * 255, 6), tuple(getattr(s, "name", s) for s in sources)))
+        return rec(0.25)
+
+    def fake_blackbox(model, key, x, y, attack, eps, cfg, store, source=None, **k):
+        calls.append(("blackbox", key, round(eps * 255, 6), attack, None if source is None else source[1]))
+        return {"attack": attack, "eps": eps, "n": n, "clean_acc": 1.0, "robust_acc": 0.25,
+                "robust": [True, False, False, False]}
+    M = {k: (None, k) for k in ("snn_pgd_at", "ann_pgd_at", "snn_clean", "ann_clean")}
+    nets = {"finetuned": (M["snn_pgd_at"], GRADIENT_SOURCES), "e2e_at": ((None, "e2e-at"), GRADIENT_SOURCES),
+            "snn_rat": ((None, "e2e-rat"), GRADIENT_SOURCES), "ann_pgd_at": (M["ann_pgd_at"], (DEFAULT_SOURCE,))}
+    assert set(nets) == {"finetuned", *BASELINES, "ann_pgd_at"}
+    monkeypatch.setattr(ev, "strong", fake_strong)
+    monkeypatch.setattr(ev, "blackbox", fake_blackbox)
+    monkeypatch.setattr(ev, "eval_images", lambda cfg, test: (torch.zeros(n, 3, 8, 8), torch.arange(n)))
+    monkeypatch.setattr(TR, "load_splits", lambda cfg: (None, None, None))
+    monkeypatch.setattr(B, "_curve_nets", lambda cfg, store, splits, progress=False: (M, nets))
+    monkeypatch.setattr(S, "evaluate_protocols", lambda m, key, x, y, cfg, store, sources=None, progress=False: (
+        {"pgd": {"best_single_source": "pcw_0.5"}}, rec(0.25)))
+    monkeypatch.setattr(B, "render_curves", lambda out: [])
+    monkeypatch.setattr(B, "write_json", lambda path, obj: None)
+    return B, calls
+
+
+@pytest.mark.parametrize("scale", ["ci", "cpu"])
+def test_curve_jobs_are_exactly_the_evaluations_the_curves_section_reads(monkeypatch, tmp_path, scale):
+    """The `curves` section first runs `curve_jobs` side by side (cfg.workers processes), then assembles its results
+    from the cache: the jobs must compute every evaluation the assembly asks for — else the main process computes
+    it alone, after the parallel phase — each once (two jobs computing the same cached record would race)."""
+    B, calls = _fake_curve_world(monkeypatch, tmp_path)
+    cfg = get_config(scale)
+    out = B.run_curves_section(cfg.replace(workers=1), store=None, progress=False)
+    read = {c for c in calls if not (c[0] == "strong" and abs(c[2] - cfg.eps_test * 255) < 1e-6 and
+                                     c[1] in ("snn_pgd_at", "ann_pgd_at", "e2e-at", "e2e-rat"))}
+    # (the main table's points at ε_test are the attack and baseline sections' records, not the curves')
+    calls.clear()
+    jobs = B.curve_jobs(cfg, "pcw_0.5")
+    for j in jobs:
+        B._curve_job(cfg, j, str(tmp_path))
+    done = list(calls)
+    assert len(done) == len(set(done)) and set(done) == read
+    off = [e for e in cfg.eps_curve if e > 0 and abs(e - cfg.eps_test) > 1e-12]
+    assert sum(1 for c in done if c[0] == "blackbox") == (3 * len(off) if "blackbox" in cfg.curve_claims else 0)
+    assert set(out["along_eps"]) == ({f"{e:.6f}" for e in cfg.eps_curve if e > 0} if cfg.curve_claims else set())
+    assert jobs[0][:2] == ("strong", "finetuned") and jobs[0][2] == min(float(e) for e in cfg.eps_curve if e > 0)
+    if scale == "ci":  # 2/255 = ε_train: the curve points of the PGD-AT chain are the transfer claim's as well
+        assert sorted(j[1] for j in jobs) == sorted(["finetuned", "e2e_at", "snn_rat", "ann_pgd_at", "snn_clean",
+                                                     "ann_clean"])
+
+
+def test_the_curves_section_runs_its_jobs_in_cfg_workers_processes(monkeypatch, tmp_path):
+    import rsnn_paper.training as TR
+    B, calls = _fake_curve_world(monkeypatch, tmp_path)
+    monkeypatch.setattr(TR, "run_parallel", _capture_jobs)
+    cfg = get_config("cpu")
+    with pytest.raises(_Jobs) as e:
+        B.run_curves_section(cfg, store=None, progress=False)
+    jobs = e.value.args[0]
+    assert [a[1] for _, a in jobs] == B.curve_jobs(cfg, "pcw_0.5") and all(f is B._curve_job for f, _ in jobs)
+    calls.clear()
+    B.run_curves_section(cfg.replace(workers=1), store=None, progress=False)  # one worker: no pool, same results
