@@ -458,20 +458,38 @@ def run_parallel(jobs: list, workers: int = 1) -> list:
     import concurrent.futures as cf
     import multiprocessing as mp
     from rsnn_paper.fused import runtime_settings
+    before = set(mp.active_children())
     ex = cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
                                 initializer=_worker_init, initargs=(os.getpid(), runtime_settings()))
+    stopped = False
     try:
         futures = [ex.submit(f, *a) for f, a in jobs]
         return [fu.result() for fu in futures]  # a job's exception is raised here, with its traceback
     except BaseException as e:
         if not isinstance(e, Exception):
             # the run was stopped (Ctrl-C, SIGTERM: not a job's error, after which the other jobs finish): end the
-            # workers now rather than wait for their jobs (what they finished is checkpointed; a rerun resumes it)
-            procs = list((getattr(ex, "_processes", None) or {}).values())
+            # workers now rather than wait for their jobs (what they finished is checkpointed; a rerun resumes it).
+            # The workers are the pool's and any this call started that the pool had not yet registered (a stop
+            # during start-up); each is terminated, then killed if it has not ended within seconds, and nothing
+            # here waits on the pool, whose bookkeeping a stop can interrupt at any point.
+            stopped = True
+            _end_processes(set((getattr(ex, "_processes", None) or {}).values()) | (set(mp.active_children()) - before))
             ex.shutdown(wait=False, cancel_futures=True)
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
         raise
     finally:
-        ex.shutdown(wait=True)
+        if not stopped:
+            ex.shutdown(wait=True)
+
+
+def _end_processes(procs, grace_s: float = 5.0) -> None:
+    "Terminate `procs` (multiprocessing processes), then kill those still alive after `grace_s` seconds in all."
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

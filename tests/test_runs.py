@@ -340,37 +340,54 @@ def test_run_parallel_runs_a_program_read_from_stdin(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") and psutil is None, reason="needs /proc or psutil")
-def test_a_stopped_run_ends_its_workers_at_once(tmp_path):
-    """Ctrl-C (or SIGTERM, which `rsnn-paper reproduce` turns into the same stop) while workers run their jobs: the
-    parent ends them and exits now, instead of waiting for their jobs to finish (here: a minute of sleep)."""
+@pytest.mark.parametrize("when", ["jobs running", "workers starting"])
+def test_a_stopped_run_ends_its_workers_at_once(tmp_path, when):
+    """Ctrl-C (or SIGTERM, which `rsnn-paper reproduce` turns into the same stop) while workers run their jobs, or
+    while the pool is still starting them: the parent ends them and exits within seconds, instead of waiting for their
+    jobs to finish (here: ten minutes of sleep). The limit below is generous (a loaded machine starts Python slowly);
+    waiting for the jobs would take ten times longer."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent("""
         import time
         from rsnn_paper.training import run_parallel
         if __name__ == "__main__":
             print("started", flush=True)
-            run_parallel([(time.sleep, (60,)), (time.sleep, (61,))], workers=2)
+            run_parallel([(time.sleep, (600,)), (time.sleep, (601,))], workers=2)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONUNBUFFERED": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = set()  # every descendant of the parent seen while it ran: the workers (and multiprocessing's helpers)
+
+    def look():
+        if parent.poll() is None:
+            try:
+                seen.update(_children(parent.pid))
+            except Exception:  # the parent ended while we looked
+                pass
     try:
         assert parent.stdout.readline().decode().strip() == "started"
         t0 = time.time()
-        while len(_children(parent.pid)) < 2:  # both workers are up (their jobs are sleeping)
-            assert parent.poll() is None and time.time() - t0 < 60, "the workers never started"
-            time.sleep(0.1)
-        time.sleep(3)  # the workers import torch before they take a job
-        workers = _children(parent.pid)
+        while len(seen) < (1 if when == "workers starting" else 2):
+            assert parent.poll() is None and time.time() - t0 < 120, "the workers never started"
+            time.sleep(0.05)
+            look()
+        if when == "jobs running":
+            t1 = time.time()
+            while time.time() - t1 < 5:  # the workers import torch before they take a job
+                look()
+                time.sleep(0.1)
         t_stop = time.time()
         os.kill(parent.pid, signal.SIGINT)  # the parent only, as `rsnn-paper reproduce` gets SIGTERM from `kill`
-        parent.wait(20)
-        assert time.time() - t_stop < 20
+        while parent.poll() is None and time.time() - t_stop < 60:
+            look()
+            time.sleep(0.05)
+        assert parent.poll() is not None, f"the parent still runs {time.time() - t_stop:.0f} s after the stop"
     finally:
         if parent.poll() is None:
             parent.kill()
     out = parent.stdout.read().decode()
     assert parent.returncode != 0 and "KeyboardInterrupt" in out, out
     t_kill = time.time()
-    while any(_alive(p) for p in workers) and time.time() - t_kill < 10:
+    while any(_alive(p) for p in seen) and time.time() - t_kill < 10:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in workers), "a worker outlived the stop"
+    assert not any(_alive(p) for p in seen), "a worker outlived the stop"
