@@ -474,9 +474,6 @@ def project_main(scale: str = "paper", devices: int = 1, quick: bool = False, js
 
 # %% ../nbs/90_bench.ipynb #ee58413c
 #| eval: false
-#| eval: false
-#| eval: false
-#| eval: false
 if __name__ == "__main__":  # `python -m rsnn_paper.bench`: the time-loop settings of the environment, as `rsnn-paper`
     from rsnn_paper.cli import runtime_from_env
     with fused.runtime(**runtime_from_env()):
