@@ -347,10 +347,13 @@ def test_a_stopped_run_ends_its_workers_at_once(tmp_path, when):
     jobs to finish (here: ten minutes of sleep). The limit below is generous (a loaded machine starts Python slowly);
     waiting for the jobs would take ten times longer."""
     script = tmp_path / "run.py"
+    # a program started in the background by a non-interactive shell (`.ci/run &`, nohup) inherits SIGINT ignored,
+    # and Python then keeps it ignored: the script takes Ctrl-C's default, as in a terminal (this test used to hang so)
     script.write_text(textwrap.dedent("""
-        import time
+        import signal, time
         from rsnn_paper.training import run_parallel
         if __name__ == "__main__":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             print("started", flush=True)
             run_parallel([(time.sleep, (600,)), (time.sleep, (601,))], workers=2)
     """))
