@@ -10,11 +10,11 @@ library's own builders: robust ANN (PGD-AT, `build_ann`) → conversion (`build_
 these numbers. It proves the paper preset's code path on every architecture and dataset, not any accuracy: the
 attacks use the model's own predictions as labels, so every image is "clean-correct" and is really attacked.
 
-The subset runs with every test run, CI's included (every architecture and dataset once, at width `CI_WIDTH`;
-measured: 53 s for its 8 pairs on 2 CPU cores); the whole matrix at the paper's width 1 takes one flag:
+The subset runs with every test run, CI's included (every architecture and dataset once: `CI_PAIRS`, 8 pairs); the
+whole matrix takes one flag. Both at the paper's width 1:
 
     python -m pytest tests/test_matrix.py                     # the subset (RSNN_MATRIX=0 skips it)
-    RSNN_FULL_MATRIX=1 python -m pytest tests/test_matrix.py  # the whole matrix (the 12 pairs of `PAIRS`), width 1
+    RSNN_FULL_MATRIX=1 python -m pytest tests/test_matrix.py  # the whole matrix (the 12 pairs of `PAIRS`)
 
 (`CI_PAIRS`, 8 pairs; the other 4 pairs run only with the full matrix).
 
@@ -24,8 +24,8 @@ shortcut at these narrow widths (glibc aborted; with 2 threads the process spun 
 shortcut as subsampling + a stride-1 1×1 convolution (`rsnn_paper.models.PointwiseConv`, same function and
 parameters); `tests/test_archs.py::test_narrow_residual_models_train_in_channels_last` guards it.
 
-Only the full matrix runs at the paper's width 1: the subset runs at width `CI_WIDTH` (1/16), because width 1 at
-T = 8 costs about 200 s per pair on 2 CPU cores (see `CI_WIDTH`).
+Measured on 2 CPU cores, quiet (2026-12-01): the whole matrix in 442 s (VGG-11 pairs 45–82 s each, the residual
+models 3–62 s), the subset in 234 s (its widest model, WRN-28-4, attacks one image instead of two).
 """
 import math
 import os
@@ -59,11 +59,7 @@ CI_PAIRS = {("cifar10", "vgg16"), ("cifar10", "resnet32"), ("cifar10", "wrn28_2"
             ("cifar100", "resnet20"), ("cifar100", "wrn16_4"), ("svhn", "vgg11"), ("tinyimagenet", "vgg11_tiny")}
 N_TRAIN, N_TEST = 3, 2  # stand-in images per split: 2 training images (one batch of 2) + 1 validation image
 SLOW = {"wrn28_4"}      # the widest model: its attacks run on one image in CI (both images with the full matrix)
-# The paper's width 1 is too slow for CI on 2 CPU cores: one pair (SVHN, VGG-11) takes 205 s at width 1, T = 8 (a
-# VGG-11 forward at T = 8 on 2 images: 1.8 s, its backward 5.6 s; the 19-source PGD alone: 125 s). CI runs the same
-# chain at this width (every other setting the paper's, T = 8); RSNN_FULL_MATRIX=1 runs every pair at width 1.
-CI_WIDTH = 1 / 16
-WIDTH = 1.0 if FULL else CI_WIDTH
+WIDTH = 1.0  # the paper's, in the subset as in the whole matrix
 
 # data size, epochs, batch sizes and attack effort; everything else is the paper preset's
 TINY = dict(device="cpu", n_val=1, ann_epochs=1, ann_batch_size=2, train_attack_steps=1, val_attack_steps=1,
@@ -82,7 +78,6 @@ def test_the_matrix_is_the_papers():
 def test_only_size_and_effort_are_overridden():
     paper, ours = get_config("paper"), get_config("paper", **TINY)
     assert (ours.width, ours.T, ours.scale) == (1.0, 8, "paper")
-    assert FULL or get_config("paper", width=WIDTH, **TINY).replace(width=1.0) == ours  # CI: the width, nothing else
     kept = ("ann_lr", "ann_momentum", "ann_weight_decay", "ann_cutout", "eps_train", "percentile", "percentile_method",
             "search_fresh_batches", "threshold_scale", "ft_objective", "ft_adversary", "ft_lr", "ft_momentum",
             "ft_weight_decay", "ft_eps", "ft_alpha", "ft_beta", "learn_thresholds", "ft_bn_init", "eps_test",
@@ -207,7 +202,7 @@ def test_paper_pair(ds, arch, data_root, tmp_path):
     K, side = D.NUM_CLASSES[ds], INPUT_SIZE[arch]
     assert side == D.IMAGE_SIZE[ds]
     cfg = get_config("paper", dataset=ds, test_dataset=ds, arch=arch, width=WIDTH, **TINY)
-    assert cfg.T == 8 and cfg.width == (1.0 if FULL else CI_WIDTH)
+    assert cfg.T == 8 and cfg.width == 1.0
     store = ArtifactStore(tmp_path / "artifacts")
     train, val, test = splits = load_splits(cfg)
     assert (len(train), len(val), len(test)) == (N_TRAIN - 1, 1, N_TEST)
