@@ -267,7 +267,8 @@ def cmd_bench(args) -> int:
     from rsnn_paper import bench
     if getattr(args, "project", None):  # the projected wall time of a scale, from one timed step per stage
         bench.project_main(args.project, args.devices, args.quick,
-                           args.json or f"results/bench/projection-{args.project}.json", overrides=args.set or ())
+                           args.json or f"results/bench/projection-{args.project}.json", batch=args.batch,
+                           repeats=args.repeats, overrides=args.set or ())
         return 0
     return bench.main(["--quick"] if args.quick else []) or 0
 
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time one step of every stage at SCALE's settings (width, T, attacks) and print the projected "
                         "wall time of that scale per stage and in total (e.g. --project paper)")
     b.add_argument("--devices", type=int, default=1, help="with --project: also project N devices (ideal scaling)")
+    b.add_argument("--batch", type=int, default=32, help="with --project: images per timed step (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="with --project: timed steps per stage, after one warm-up "
+                   "(default 3)")
     b.add_argument("--json", default=None, help="with --project: write the projection to this JSON file "
                    "(default results/bench/projection-SCALE.json)")
     b.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="with --project: overrides")

@@ -33,3 +33,19 @@ def test_cli_has_the_projection_flags():
     from rsnn_paper.cli import build_parser
     a = build_parser().parse_args(["bench", "--project", "paper", "--quick", "--devices", "8"])
     assert (a.project, a.quick, a.devices) == ("paper", True, 8)
+
+
+def test_cli_passes_batch_and_repeats_to_the_measurement(monkeypatch, tmp_path):
+    from rsnn_paper import bench, cli
+    seen = {}
+
+    def fake_measure(cfg, batch, repeats, quick, device):
+        seen.update(batch=batch, repeats=repeats, quick=quick, width=cfg.width, T=cfg.T)
+        return _measured()
+    monkeypatch.setattr(bench, "measure_stages", fake_measure)
+    out = tmp_path / "p.json"
+    assert cli.main(["bench", "--project", "paper", "--batch", "16", "--repeats", "1", "--json", str(out)]) == 0
+    assert seen == {"batch": 16, "repeats": 1, "quick": False, "width": 1.0, "T": 8}
+    assert out.is_file()
+    cli.main(["bench", "--project", "paper", "--json", str(out)])
+    assert (seen["batch"], seen["repeats"]) == (32, 3)  # the defaults
