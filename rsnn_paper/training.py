@@ -178,11 +178,23 @@ def accuracy(model, dataset, eps: float = 0.0, steps: int = 10, batch_size: int 
 
 # %% ../nbs/07_training.ipynb #a5d7f001
 def _dist_setup(device: torch.device) -> tuple[int, int]:
+    """Join the process group under `torchrun` (once per process) and return (rank, world size); (0, 1) without one.
+    A group joined here is also left here, at exit: a gloo group left to the interpreter's final teardown can abort the
+    process ("terminate called without an active exception": its threads are destroyed still running) after all the
+    work is done, turning a finished run into a failed one."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import atexit
+        atexit.register(_dist_teardown)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _dist_teardown() -> None:
+    "Leave the process group, if one is still joined (registered at exit by `_dist_setup`)."
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _barrier():
