@@ -481,11 +481,11 @@ def run_parallel(jobs: list, workers: int = 1) -> list:
         if not isinstance(e, Exception):
             # the run was stopped (Ctrl-C, SIGTERM: not a job's error, after which the other jobs finish): end the
             # workers now rather than wait for their jobs (what they finished is checkpointed; a rerun resumes it).
-            # The workers are the pool's and any this call started that the pool had not yet registered (a stop
-            # during start-up); each is terminated, then killed if it has not ended within seconds, and nothing
-            # here waits on the pool, whose bookkeeping a stop can interrupt at any point.
+            # The workers are every child process this call started, those the pool had not yet registered (a stop
+            # during start-up) included; each is terminated, then killed if it has not ended within seconds, and
+            # nothing here waits on the pool, whose bookkeeping a stop can interrupt at any point.
             stopped = True
-            _end_processes(set((getattr(ex, "_processes", None) or {}).values()) | (set(mp.active_children()) - before))
+            _end_processes(set(mp.active_children()) - before)
             ex.shutdown(wait=False, cancel_futures=True)
         raise
     finally:

@@ -185,3 +185,28 @@ def test_distributed_ensemble_single_process_is_run_ensemble():
     assert a["distributed"] == {"world": 1, "rank_batches": None}
     assert {k: v for k, v in a.items() if k not in ("elapsed_s", "distributed")} == \
         {k: v for k, v in b.items() if k != "elapsed_s"}
+
+
+def test_a_group_joined_by_the_library_is_left_at_exit(monkeypatch):
+    """`_dist_setup` joins the process group under torchrun and registers `_dist_teardown` at exit, which leaves it (a
+    gloo group left to the interpreter's teardown aborted finished ranks now and then)."""
+    import atexit
+    import torch.distributed as dist
+    from rsnn_paper import training
+    calls, registered = [], []
+    joined = {"on": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: joined["on"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: (calls.append(("init", backend)),
+                                                                     joined.update(on=True)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (calls.append(("destroy",)), joined.update(on=False)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(atexit, "register", registered.append)
+    assert training._dist_setup(torch.device("cpu")) == (1, 2)
+    assert training._dist_setup(torch.device("cpu")) == (1, 2)  # joined once, registered once
+    assert calls == [("init", "gloo")] and registered == [training._dist_teardown]
+    registered[0]()
+    assert calls[-1] == ("destroy",) and not joined["on"]
+    registered[0]()  # nothing left to leave: a no-op
+    assert calls.count(("destroy",)) == 1
